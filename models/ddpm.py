@@ -1,0 +1,210 @@
+"""guided-diffusion DDPMs: the UNet config read off the state dict, and the sampling schedule.
+
+The schedule (``space_timesteps`` / ``SpacedDiffusion``) comes from guided-diffusion itself; the
+per-step numbers are then kept as torch tensors on the model's device so that a step does no
+numpy→device copy (guided-diffusion's ``_extract_into_tensor`` does one per call).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from guided_diffusion import gaussian_diffusion as gd
+from guided_diffusion.respace import SpacedDiffusion, space_timesteps
+from guided_diffusion.unet import UNetModel
+
+from .checkpoint import CheckpointError, describe, read_state_dict
+
+log = logging.getLogger(__name__)
+
+# channel_mult of each published resolution (guided-diffusion script_util.create_model)
+SIZE_BY_MULT = {(0.5, 1, 1, 2, 2, 4, 4): 512, (1, 1, 2, 2, 4, 4): 256, (1, 1, 2, 3, 4): 128, (1, 2, 3, 4): 64}
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def infer_unet_config(sd: dict[str, torch.Tensor], image_size: int | None = None) -> dict:
+    """UNetModel kwargs from a guided-diffusion state dict (raises CheckpointError if it is none)."""
+    if "time_embed.0.weight" not in sd or "input_blocks.0.0.weight" not in sd or "out.2.weight" not in sd:
+        raise CheckpointError(f"this is {describe(sd)}, not a guided-diffusion UNet "
+                              "(expected e.g. 256x256_diffusion_uncond.pt)")
+    ch = sd["time_embed.0.weight"].shape[1]
+    in_ch = sd["input_blocks.0.0.weight"].shape[1]
+    out_ch = sd["out.2.weight"].shape[0]
+    n_in = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
+    n_out = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("output_blocks."))
+
+    def sub(prefix):  # sub-module indices of one block
+        return sorted({int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)})
+
+    def is_attn(prefix):
+        return f"{prefix}qkv.weight" in sd
+
+    # an output block ends with an upsampler (ResBlock or conv) at every level but the last
+    ups = sum(1 for b in range(n_out) if any(
+        not is_attn(f"output_blocks.{b}.{j}.") for j in sub(f"output_blocks.{b}.") if j > 0))
+    levels = ups + 1
+    if n_in != n_out or n_out % levels:
+        raise CheckpointError("unknown guided-diffusion UNet layout "
+                              f"({n_in} input blocks, {n_out} output blocks)")
+    res = n_out // levels - 1
+    mult, attn = [], []
+    for level in range(levels):
+        b = 1 + level * (res + 1)
+        mult.append(sd[f"input_blocks.{b}.0.out_layers.3.weight"].shape[0] / ch)
+        if is_attn(f"input_blocks.{b}.1."):
+            attn.append(2 ** level)
+    mult = tuple(int(m) if float(m).is_integer() else m for m in mult)
+    updown = levels > 1 and f"input_blocks.{res + 1}.0.in_layers.0.weight" in sd
+    scale_shift = sd["input_blocks.1.0.emb_layers.1.weight"].shape[0] == 2 * sd[
+        "input_blocks.1.0.out_layers.3.weight"].shape[0]
+    num_classes = sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else None
+    size = image_size or SIZE_BY_MULT.get(mult)
+    if size is None:
+        raise CheckpointError(f"cannot tell the image size of a UNet with channel_mult {mult}; "
+                              "give image_size explicitly")
+    # Head layout is not stored in the weights: the published 128x128 model uses 4 heads,
+    # every other published model 64 channels per head.
+    heads = dict(num_heads=4, num_head_channels=-1) if (size == 128 and ch == 256) else \
+        dict(num_heads=1, num_head_channels=64)
+    return dict(image_size=size, in_channels=in_ch, model_channels=ch, out_channels=out_ch,
+                num_res_blocks=res, attention_resolutions=tuple(attn), channel_mult=mult,
+                num_classes=num_classes, use_scale_shift_norm=scale_shift, resblock_updown=updown,
+                use_new_attention_order=(size == 64), dropout=0.0, **heads)
+
+
+@dataclass
+class DDPM:
+    """A guided-diffusion UNet plus its (respaced) schedule as device tensors."""
+    model: UNetModel
+    diffusion: SpacedDiffusion
+    config: dict
+    precision: str = "fp32"
+    path: str = ""
+    sched: dict = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int:
+        return self.config["image_size"]
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.config["num_classes"]
+
+    @property
+    def num_steps(self) -> int:
+        return self.diffusion.num_timesteps
+
+    @property
+    def learn_sigma(self) -> bool:
+        return self.config["out_channels"] == 2 * self.config["in_channels"]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device) -> "DDPM":
+        self.model.to(device)
+        self.sched = {k: v.to(device) for k, v in self.sched.items()}
+        return self
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
+
+    def model_timestep(self, i: int, n: int) -> torch.Tensor:
+        """The timestep the UNet sees at spaced index i (guided-diffusion's _WrappedModel)."""
+        return self.sched["timestep_map"][i].expand(n)
+
+    def eps_and_var(self, x: torch.Tensor, i: int, y: torch.Tensor | None = None):
+        """One UNet forward: (eps, variance-interpolation values or None), both float32."""
+        with self.autocast():
+            out = self.model(x, self.model_timestep(i, x.shape[0]), y=y).float()
+        if self.learn_sigma:
+            return out.split(x.shape[1], dim=1)
+        return out, None
+
+    def pred_xstart(self, x, i, eps):
+        s = self.sched
+        return s["sqrt_recip_ac"][i] * x - s["sqrt_recipm1_ac"][i] * eps
+
+    def eps_from_xstart(self, x, i, x0):
+        s = self.sched
+        return (s["sqrt_recip_ac"][i] * x - x0) / s["sqrt_recipm1_ac"][i]
+
+    def posterior(self, x, i, x0, var_values):
+        """Mean and log-variance of p(x_{i-1} | x_i) (guided-diffusion p_mean_variance)."""
+        s = self.sched
+        mean = s["coef1"][i] * x0 + s["coef2"][i] * x
+        if var_values is None:
+            return mean, s["fixed_log_var"][i].expand_as(x)
+        frac = (var_values + 1) / 2
+        return mean, frac * s["log_betas"][i] + (1 - frac) * s["post_log_var"][i]
+
+    def q_sample(self, x0, i, noise):
+        """x_i ~ N(sqrt(ᾱ_i) x0, (1-ᾱ_i) I); i = -1 means clean."""
+        if i < 0:
+            return x0
+        s = self.sched
+        return s["sqrt_ac"][i] * x0 + s["sqrt_1m_ac"][i] * noise
+
+
+def schedule_tensors(diffusion: SpacedDiffusion, device="cpu") -> dict:
+    d = diffusion
+    f = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=torch.float32)  # noqa: E731
+    fixed_large = np.log(np.append(d.posterior_variance[1], d.betas[1:]))
+    t = torch.as_tensor(d.timestep_map, dtype=torch.float32)
+    if d.rescale_timesteps:
+        t = t * (1000.0 / d.original_num_steps)
+    s = dict(timestep_map=t, ac=f(d.alphas_cumprod), ac_prev=f(d.alphas_cumprod_prev),
+             sqrt_ac=f(d.sqrt_alphas_cumprod), sqrt_1m_ac=f(d.sqrt_one_minus_alphas_cumprod),
+             sqrt_recip_ac=f(d.sqrt_recip_alphas_cumprod), sqrt_recipm1_ac=f(d.sqrt_recipm1_alphas_cumprod),
+             coef1=f(d.posterior_mean_coef1), coef2=f(d.posterior_mean_coef2),
+             post_log_var=f(d.posterior_log_variance_clipped), log_betas=f(np.log(d.betas)),
+             fixed_log_var=f(fixed_large))
+    return {k: v.to(device) for k, v in s.items()}
+
+
+def make_diffusion(respacing: str = "100", steps: int = 1000, noise_schedule: str = "linear",
+                   learn_sigma: bool = True) -> SpacedDiffusion:
+    respacing = str(respacing).strip() or str(steps)
+    try:
+        use = space_timesteps(steps, respacing if respacing.startswith("ddim") else
+                              [int(c) for c in respacing.split(",")])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"timestep respacing {respacing!r} is not valid ({e}); use e.g. '100', "
+                         "'ddim50' or '10,10,10'") from None
+    return SpacedDiffusion(
+        use_timesteps=use, betas=gd.get_named_beta_schedule(noise_schedule, steps),
+        model_mean_type=gd.ModelMeanType.EPSILON,
+        model_var_type=gd.ModelVarType.LEARNED_RANGE if learn_sigma else gd.ModelVarType.FIXED_LARGE,
+        loss_type=gd.LossType.MSE, rescale_timesteps=True)
+
+
+def load_ddpm(path: str, respacing: str = "100", precision: str = "fp32", device="cpu",
+              image_size: int | None = None, noise_schedule: str | None = None) -> DDPM:
+    """Load a guided-diffusion checkpoint (.pt or .safetensors); config inferred from the weights."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} unknown; use one of {list(PRECISIONS)}")
+    sd = read_state_dict(path, "a guided-diffusion UNet checkpoint such as 256x256_diffusion_uncond.pt")
+    try:
+        cfg = infer_unet_config(sd, image_size)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    with torch.inference_mode(False):
+        model = UNetModel(**cfg)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: the weights do not fit the inferred UNet config {cfg} "
+                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        model.eval().requires_grad_(False).to(device)
+    schedule = noise_schedule or ("cosine" if cfg["image_size"] == 64 else "linear")
+    diffusion = make_diffusion(respacing, noise_schedule=schedule,
+                               learn_sigma=cfg["out_channels"] == 2 * cfg["in_channels"])
+    log.info("loaded %s: %s, %d steps (%s), %s", path, {k: cfg[k] for k in
+             ("image_size", "model_channels", "channel_mult", "num_classes")},
+             diffusion.num_timesteps, respacing, precision)
+    return DDPM(model, diffusion, cfg, precision, path, schedule_tensors(diffusion, device))

@@ -1,0 +1,64 @@
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("BLENDED_DIFFUSION_LPIPS_RANDOM", "1")  # no torchvision download in tests
+torch.set_num_threads(2)
+
+
+def _load_pack():
+    """Import the repository root as the package ``blended_diffusion`` (as ComfyUI and pip do)."""
+    if "blended_diffusion" in sys.modules:
+        return sys.modules["blended_diffusion"]
+    spec = importlib.util.spec_from_file_location("blended_diffusion", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["blended_diffusion"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_load_pack()
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ckpt_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    tiny.save_unet(d / "256x256_diffusion_uncond.pt")
+    tiny.save_unet(d / "uncond.safetensors")
+    tiny.save_unet(d / "64x64_classes.pt", tiny.UNET_64_CLASSES)
+    tiny.save_clip(d / "ViT-B-16.pt", "torchscript")
+    tiny.save_clip(d / "clip_sd.pt", "pt")
+    tiny.save_clip(d / "clip.safetensors", "safetensors")
+    return d
+
+
+@pytest.fixture(scope="session")
+def ddpm(ckpt_dir):
+    from blended_diffusion.models import load_ddpm
+    return load_ddpm(str(ckpt_dir / "256x256_diffusion_uncond.pt"), respacing="10")
+
+
+@pytest.fixture(scope="session")
+def clip(ckpt_dir):
+    from blended_diffusion.models import load_clip
+    return load_clip(str(ckpt_dir / "ViT-B-16.pt"))
+
+
+@pytest.fixture
+def image_and_mask():
+    """A smooth 96x128 test image and a rectangular mask (non-square, smaller than the model)."""
+    g = torch.Generator().manual_seed(1)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 96), torch.linspace(0, 1, 128), indexing="ij")
+    img = torch.stack([xx, yy, (xx + yy) / 2])[None] * 0.8 + 0.1 * torch.rand(1, 3, 96, 128, generator=g)
+    img = (img * 255).round() / 255  # 8-bit values, as loaded images are
+    mask = torch.zeros(1, 96, 128)
+    mask[:, 30:70, 40:90] = 1
+    return img, mask

@@ -1,0 +1,474 @@
+"""The pack inside a real ComfyUI server (subprocess): registration, model folders, every API workflow
+end to end through ``/prompt`` + ``/history``, progress with previews over the websocket, and Cancel.
+
+Skips unless ``COMFYUI_PATH`` names a ComfyUI checkout (a folder with ``main.py``). ``COMFYUI_PYTHON``
+names the interpreter that runs it (default: this one); it needs ComfyUI's requirements and this pack's.
+The pack and the tiny checkpoints are given to ComfyUI only through ``--extra-model-paths-config``.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+COMFY = os.environ.get("COMFYUI_PATH", "")
+if not COMFY or not (Path(COMFY) / "main.py").is_file():
+    pytest.skip("set COMFYUI_PATH to a ComfyUI checkout to run the server tests", allow_module_level=True)
+
+import tiny  # noqa: E402  (tests/ is on sys.path via conftest)
+
+COMFY = Path(COMFY).resolve()
+PYTHON = os.environ.get("COMFYUI_PYTHON") or sys.executable
+ROOT = Path(__file__).resolve().parents[1]
+PACK_NAME = "comfyui_blended_diffusion"
+API_DIR = ROOT / "workflows" / "api"
+WORKFLOWS = sorted(API_DIR.glob("*.json")) if API_DIR.is_dir() else []
+NODE_IDS = ["LoadDDPM", "LoadCLIP", "NoiseImage", "CLIPGuidedStep", "MaskBlend", "ExtendingAugment",
+            "RankByCLIP", "Extrapolate", "BlendedDiffusionSampler", "BlendedDiffusionEvaluate"]
+DDPM_FILE, CLIP_FILE = "256x256_diffusion_uncond.pt", "ViT-B-16.pt"
+START_TIMEOUT = 150
+PROMPT_TIMEOUT = 150
+HOST = "127.0.0.1"
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, proc, port, log_path, base, input_dir, output_dir, temp_dir):
+        self.proc, self.port, self.log_path = proc, port, log_path
+        self.base, self.input_dir, self.output_dir, self.temp_dir = base, input_dir, output_dir, temp_dir
+        self._object_info = None
+
+    def url(self, path):
+        return f"http://{HOST}:{self.port}{path}"
+
+    def get(self, path, timeout=30):
+        with urllib.request.urlopen(self.url(path), timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def post(self, path, data, timeout=30):
+        req = urllib.request.Request(self.url(path), data=json.dumps(data).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                body = r.read()
+                return r.status, (json.loads(body) if body.strip() else None)
+        except urllib.error.HTTPError as e:
+            body = e.read()
+            try:
+                return e.code, json.loads(body)
+            except ValueError:
+                return e.code, body.decode(errors="replace")
+
+    def log_tail(self, n=6000):
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return "<no log>"
+
+    @property
+    def object_info(self):
+        if self._object_info is None:
+            self._object_info = self.get("/object_info", timeout=60)
+        return self._object_info
+
+
+class WebSocket:
+    """A minimal RFC 6455 client (stdlib only) for ComfyUI's /ws: text frames are JSON, binary frames are
+    previews. The server never fragments messages."""
+
+    def __init__(self, port, client_id):
+        self.sock = socket.create_connection((HOST, port), timeout=10)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+                           f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                           f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        assert b" 101 " in head.split(b"\r\n", 1)[0], head
+
+    def _fill(self):
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            raise ConnectionError("websocket closed by the server")
+        self.buf += chunk
+
+    def _frame(self):
+        b = self.buf
+        if len(b) < 2:
+            return None
+        opcode, n, pos = b[0] & 0x0F, b[1] & 0x7F, 2
+        if n == 126:
+            if len(b) < 4:
+                return None
+            n, pos = struct.unpack(">H", b[2:4])[0], 4
+        elif n == 127:
+            if len(b) < 10:
+                return None
+            n, pos = struct.unpack(">Q", b[2:10])[0], 10
+        mask = None
+        if b[1] & 0x80:
+            mask, pos = b[pos:pos + 4], pos + 4
+        if len(b) < pos + n:
+            return None
+        data = b[pos:pos + n]
+        if mask:
+            data = bytes(c ^ mask[i % 4] for i, c in enumerate(data))
+        self.buf = b[pos + n:]
+        return opcode, data
+
+    def _send(self, opcode, payload=b""):
+        mask = os.urandom(4)
+        head = bytes([0x80 | opcode, 0x80 | len(payload)])  # control frames only (< 126 bytes)
+        self.sock.sendall(head + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(payload)))
+
+    def recv(self, timeout):
+        """Next message: a dict (JSON) or bytes (binary); None after `timeout` seconds of silence."""
+        deadline = time.monotonic() + timeout
+        while True:
+            fr = self._frame()
+            if fr is not None:
+                opcode, data = fr
+                if opcode == 1:
+                    return json.loads(data)
+                if opcode == 2:
+                    return data
+                if opcode == 8:
+                    raise ConnectionError("websocket closed by the server")
+                if opcode == 9:
+                    self._send(10, data)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.sock.settimeout(left)
+            try:
+                self._fill()
+            except socket.timeout:
+                return None
+
+    def close(self):
+        try:
+            self._send(8)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def _input_specs(info):
+    spec = info.get("input", {})
+    return {**spec.get("required", {}), **spec.get("optional", {})}
+
+
+def _combo_options(spec):
+    """Options of a combo input in either object_info format ([list, opts] or ["COMBO", {options}])."""
+    if isinstance(spec[0], list):
+        return spec[0]
+    if spec[0] == "COMBO" and len(spec) > 1:
+        return spec[1].get("options", [])
+    return None
+
+
+def _number(s):
+    try:
+        return float(s)
+    except (TypeError, ValueError):
+        return None
+
+
+def _set_steps(prompt, object_info, respacing, skip, strength, batch=1, views=2, seed_offset=0):
+    """Patch widget values by input name so that a workflow runs on tiny checkpoints in a few steps."""
+    for node in prompt.values():
+        info = object_info.get(node.get("class_type"))
+        if info is None:
+            continue
+        specs = _input_specs(info)
+        for name, value in list(node.get("inputs", {}).items()):
+            if isinstance(value, list):  # a link
+                continue
+            spec = specs.get(name)
+            if spec is None:
+                continue
+            opts = _combo_options(spec)
+            key = name.lower()
+            if "respacing" in key:
+                if opts is not None:
+                    nums = sorted((o for o in opts if _number(o) is not None), key=_number)
+                    pick = [o for o in nums if _number(o) <= respacing]
+                    node["inputs"][name] = (pick[-1] if pick else nums[0]) if nums else value
+                elif spec[0] == "INT":
+                    node["inputs"][name] = respacing
+                else:
+                    node["inputs"][name] = str(respacing)
+            elif key in ("skip_timesteps", "skip"):
+                node["inputs"][name] = skip
+            elif key == "strength":
+                node["inputs"][name] = strength
+            elif key in ("batch_size", "batch"):
+                node["inputs"][name] = batch
+            elif key in ("num_views", "views", "n_views", "aug_num"):
+                node["inputs"][name] = views
+            elif key in ("top_k", "topk", "k"):
+                node["inputs"][name] = min(value, batch) if isinstance(value, int) else value
+            elif key in ("seed", "noise_seed") and isinstance(value, int):
+                node["inputs"][name] = value + seed_offset
+    return prompt
+
+
+def _load_workflow(path):
+    prompt = json.loads(path.read_text())
+    if "prompt" in prompt and isinstance(prompt["prompt"], dict):
+        prompt = prompt["prompt"]
+    return {k: v for k, v in prompt.items() if isinstance(v, dict) and "class_type" in v}
+
+
+def _image_name(value):
+    return value[:-len(" [input]")] if isinstance(value, str) and value.endswith(" [input]") else value
+
+
+def _pack_file(name):
+    """The file shipped with the pack that a LoadImage widget value `name` refers to."""
+    base = Path(name).name
+    hits = [p for p in ROOT.rglob(base) if ".git" not in p.parts and "tests" not in p.parts and p.is_file()]
+    hits.sort(key=lambda p: (not str(p).endswith(name), len(p.parts)))
+    return hits[0] if hits else None
+
+
+# --------------------------------------------------------------------------------------------- fixture
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("comfyui")
+    base, extra = tmp / "base", tmp / "extra"
+    input_dir, output_dir, temp_dir = base / "input", base / "output", base / "temp"
+    for d in (base / "custom_nodes", base / "models" / "ddpm", input_dir, output_dir, temp_dir,
+              base / "user", extra / "custom_nodes", extra / "models" / "ddpm",
+              extra / "models" / "clip_guidance"):
+        d.mkdir(parents=True, exist_ok=True)
+    (extra / "custom_nodes" / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
+    tiny.save_unet(extra / "models" / "ddpm" / DDPM_FILE)
+    tiny.save_clip(extra / "models" / "clip_guidance" / CLIP_FILE, "torchscript")
+    (extra / "models" / "ddpm" / "README.txt").write_text("not a checkpoint\n")
+    # a checkpoint in the pack's default folder (<models>/ddpm) must be listed next to the yaml one
+    shutil.copy(extra / "models" / "ddpm" / DDPM_FILE, base / "models" / "ddpm" / "other_uncond.pt")
+    for wf in WORKFLOWS:  # the example images the workflows load
+        for node in _load_workflow(wf).values():
+            if node["class_type"] in ("LoadImage", "LoadImageMask") and isinstance(
+                    node["inputs"].get("image"), str):
+                name = _image_name(node["inputs"]["image"])
+                src = _pack_file(name)
+                if src is not None and not (input_dir / name).exists():
+                    (input_dir / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(src, input_dir / name)
+    yaml_path = tmp / "extra_model_paths.yaml"
+    yaml_path.write_text(f"blended_diffusion_test:\n    base_path: {extra}\n"
+                         f"    custom_nodes: custom_nodes\n    ddpm: models/ddpm\n"
+                         f"    clip_guidance: models/clip_guidance\n")
+
+    port = _free_port()
+    cli = (COMFY / "comfy" / "cli_args.py").read_text()
+    cmd = [PYTHON, "main.py", "--cpu", "--listen", HOST, "--port", str(port), "--disable-auto-launch",
+           "--extra-model-paths-config", str(yaml_path), "--input-directory", str(input_dir),
+           "--output-directory", str(output_dir), "--temp-directory", str(temp_dir)]
+    if '"--base-directory"' in cli:
+        cmd += ["--base-directory", str(base)]
+    if '"--database-url"' in cli:
+        cmd += ["--database-url", "sqlite:///:memory:"]
+    env = dict(os.environ, BLENDED_DIFFUSION_LPIPS_RANDOM="1", PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    log_path = tmp / "comfyui.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, cwd=str(COMFY), stdout=log, stderr=subprocess.STDOUT, env=env)
+    srv = Server(proc, port, log_path, base, input_dir, output_dir, temp_dir)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {proc.returncode} at start:\n{srv.log_tail()}")
+            try:
+                srv.get("/queue", timeout=5)
+                break
+            except (OSError, ValueError):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"ComfyUI did not answer within {START_TIMEOUT}s:\n{srv.log_tail()}")
+                time.sleep(1)
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
+        log.close()
+
+
+@pytest.fixture
+def ws(server):
+    client_id = uuid.uuid4().hex
+    sock = WebSocket(server.port, client_id)
+    sock.client_id = client_id
+    yield sock
+    sock.close()
+
+
+def _run(server, ws, prompt, timeout=PROMPT_TIMEOUT, on_message=None):
+    """Queue `prompt`, follow it on the websocket; returns (prompt_id, history entry, messages)."""
+    status, reply = server.post("/prompt", {"prompt": prompt, "client_id": ws.client_id})
+    assert status == 200, f"/prompt refused the workflow: {json.dumps(reply, indent=1)[:4000]}"
+    pid = reply["prompt_id"]
+    messages, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = ws.recv(timeout=2)
+        if msg is not None:
+            messages.append(msg)
+            if on_message is not None:
+                on_message(pid, msg)
+            if isinstance(msg, dict) and msg.get("data", {}).get("prompt_id") == pid and msg["type"] in (
+                    "execution_success", "execution_error", "execution_interrupted"):
+                break
+        elif server.proc.poll() is not None:
+            pytest.fail(f"ComfyUI died while running a prompt:\n{server.log_tail()}")
+    while time.monotonic() < deadline:
+        hist = server.get(f"/history/{pid}")
+        if pid in hist:
+            return pid, hist[pid], messages
+        time.sleep(0.5)
+    server.post("/interrupt", {})
+    pytest.fail(f"prompt {pid} did not finish within {timeout}s:\n{server.log_tail()}")
+
+
+def _error_text(entry, messages, server):
+    errs = [m["data"] for m in messages if isinstance(m, dict) and m.get("type") == "execution_error"]
+    detail = ""
+    for e in errs:
+        detail += (f"\nnode {e.get('node_id')} ({e.get('node_type')}): {e.get('exception_type')}: "
+                   f"{e.get('exception_message')}\n" + "".join(e.get("traceback", []))[-3000:])
+    return f"status {entry.get('status')}{detail}\n--- server log ---\n{server.log_tail(3000)}"
+
+
+# --------------------------------------------------------------------------------------------- tests
+def test_pack_registered(server):
+    info = server.object_info
+    missing = [n for n in NODE_IDS if n not in info]
+    assert not missing, f"nodes missing from /object_info: {missing}\n{server.log_tail()}"
+    for nid in NODE_IDS:
+        node = info[nid]
+        assert node["category"].startswith("Blended Diffusion"), (nid, node["category"])
+        assert node.get("display_name"), f"{nid} has no display name"
+        for name, spec in _input_specs(node).items():
+            assert len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("tooltip"), \
+                f"{nid}.{name} has no tooltip"
+    for t in (t for n in NODE_IDS for t in info[n]["output"]):
+        assert t not in ("MODEL", "CLIP"), "custom types must not reuse core MODEL/CLIP"
+
+
+@pytest.mark.parametrize("node_id,filename,also", [
+    ("LoadDDPM", DDPM_FILE, "other_uncond.pt"),
+    ("LoadCLIP", CLIP_FILE, None),
+])
+def test_loader_combos_list_model_folders(server, node_id, filename, also):
+    info = server.object_info.get(node_id)
+    assert info is not None, f"{node_id} not registered\n{server.log_tail()}"
+    combos = [o for o in map(_combo_options, _input_specs(info).values()) if o is not None]
+    listing = [o for opts in combos for o in opts]
+    assert filename in listing, f"{filename} from extra_model_paths.yaml not offered by {node_id}: {combos}"
+    if also:  # the pack's own <models>/ddpm folder is kept next to the yaml entry
+        assert also in listing, f"{also} in <models>/ddpm not offered by {node_id}: {combos}"
+        assert "README.txt" not in listing, f"{node_id} lists non-checkpoint files: {combos}"
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS or [None], ids=lambda p: p.stem if p else "none")
+def test_api_workflow_runs(server, ws, workflow):
+    if workflow is None:
+        pytest.skip("workflows/api/ holds no workflow yet")
+    prompt = _set_steps(_load_workflow(workflow), server.object_info, respacing=10, skip=7, strength=0.3)
+    pid, entry, messages = _run(server, ws, prompt)
+    assert entry["status"]["status_str"] == "success", _error_text(entry, messages, server)
+    outputs = entry["outputs"]
+    assert outputs, f"{workflow.name} produced no outputs"
+    dirs = {"output": server.output_dir, "temp": server.temp_dir}
+    n_images = 0
+    for nid, node in prompt.items():
+        if node["class_type"] in ("SaveImage", "PreviewImage"):
+            images = outputs.get(nid, {}).get("images", [])
+            assert images, f"{workflow.name}: {node['class_type']} {nid} returned no image"
+            for im in images:
+                f = dirs[im["type"]] / im.get("subfolder", "") / im["filename"]
+                assert f.is_file() and f.stat().st_size > 0, f
+                n_images += 1
+    assert n_images > 0, f"{workflow.name} saves or previews no image"
+
+
+def _sampler_workflow():
+    for wf in WORKFLOWS:
+        prompt = _load_workflow(wf)
+        if any(n["class_type"] == "BlendedDiffusionSampler" for n in prompt.values()):
+            return wf, prompt
+    return None, None
+
+
+def test_progress_preview_and_cancel_keeps_models(server, ws):
+    wf, prompt = _sampler_workflow()
+    if wf is None:
+        pytest.skip("no API workflow with a BlendedDiffusionSampler yet")
+    sampler_ids = {k for k, n in prompt.items() if n["class_type"] == "BlendedDiffusionSampler"}
+    long = _set_steps(json.loads(json.dumps(prompt)), server.object_info, respacing=100, skip=0,
+                      strength=1.0, seed_offset=1000)
+    seen = {"progress": [], "previews": 0, "interrupted": False}
+
+    def on_message(pid, msg):
+        if isinstance(msg, bytes):
+            event, kind = struct.unpack(">II", msg[:8])
+            if event == 1 and not seen["interrupted"]:
+                assert kind == 1 and msg[8:10] == b"\xff\xd8", "preview is not a JPEG"
+                seen["previews"] += 1
+            return
+        data = msg.get("data", {})
+        if msg.get("type") == "progress" and data.get("prompt_id") == pid and data.get("node") in sampler_ids:
+            seen["progress"].append((data["value"], data["max"]))
+            if len(seen["progress"]) >= 2 and seen["previews"] >= 1 and not seen["interrupted"]:
+                status, _ = server.post("/interrupt", {})
+                assert status == 200
+                seen["interrupted"] = True
+
+    pid, entry, messages = _run(server, ws, long, on_message=on_message)
+    assert seen["progress"], f"the sampler reported no progress:\n{_error_text(entry, messages, server)}"
+    assert seen["previews"] >= 1, "the sampler sent no preview image"
+    total = seen["progress"][0][1]
+    assert total >= 50, f"progress max {total} for a 100-step run"
+    assert seen["interrupted"], "the run ended before it could be cancelled"
+    kinds = [m.get("type") for m in messages if isinstance(m, dict)]
+    assert "execution_interrupted" in kinds, _error_text(entry, messages, server)
+    assert entry["status"]["status_str"] == "error"
+    assert seen["progress"][-1][0] < total, "cancel did not stop the loop"
+
+    short = _set_steps(json.loads(json.dumps(prompt)), server.object_info, respacing=10, skip=7,
+                       strength=0.3, seed_offset=2000)
+    pid2, entry2, messages2 = _run(server, ws, short)
+    assert entry2["status"]["status_str"] == "success", _error_text(entry2, messages2, server)
+    # loaders whose widgets are the same in both prompts must be reused, not reloaded
+    loader_ids = {k for k, n in prompt.items() if n["class_type"] in ("LoadDDPM", "LoadCLIP")
+                  and long[k]["inputs"] == short[k]["inputs"]}
+    cached = [m["data"].get("nodes", []) for m in messages2
+              if isinstance(m, dict) and m.get("type") == "execution_cached"]
+    cached = {n for c in cached for n in c}
+    assert loader_ids <= cached, f"loaders re-ran after cancel (cached {sorted(cached)}, loaders {loader_ids})"

@@ -88,7 +88,10 @@ def load_clip(path: str, device="cpu", precision: str = "fp32") -> ClipModel:
           if k not in ("input_resolution", "context_length", "vocab_size") and not k.endswith("attn_mask")}
     try:
         with torch.inference_mode(False):
-            model = build_model_from_openai_state_dict(sd, cast_dtype=None).float().to(device)
+            # open_clip builds in fp16 before loading; reload so fp32 weights keep their precision
+            model = build_model_from_openai_state_dict(dict(sd), cast_dtype=None).float()
+            model.load_state_dict(sd)
+            model.to(device)
     except Exception as e:
         raise CheckpointError(f"{path}: unknown CLIP architecture ({str(e).splitlines()[0][:200]})") from None
     log.info("loaded CLIP %s: input %s px, embed dim %d", path, model.visual.image_size,

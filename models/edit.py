@@ -74,7 +74,8 @@ def check_inputs(image: torch.Tensor, mask: torch.Tensor | None, ddpm, skip_time
         raise ValueError(f"skip_timesteps = {skip_timesteps} with {steps} steps: it must be in "
                          f"0..{steps - 1} (it leaves {steps} - skip steps to run)")
     if batch_size < 1:
-        raise ValueError(f"batch size = {batch_size}: it must be at least 1")
+        raise ValueError(f"batch size = {batch_size}: it must be at least 1 "
+                         "(large batches are split automatically)")
     return image, mask
 
 
@@ -122,6 +123,8 @@ def edit(ddpm, image: torch.Tensor, mask: torch.Tensor | None, guide: Guide, *,
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                     continue
-                outputs.append(paste(img, (x0.detach() + 1) / 2, box, m[None, None]).cpu())
+                # Algorithm 1 without enforcement changes the whole working crop, not just the mask
+                keep = m if (blend or enforce_background) else torch.ones_like(m)
+                outputs.append(paste(img, (x0.detach() + 1) / 2, box, keep[None, None]).cpu())
                 done += n
     return torch.cat(outputs)

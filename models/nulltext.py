@@ -1,0 +1,350 @@
+"""NULL-text inversion (Mokady et al.) over a host-agnostic protocol, plus DDIM inversion of the
+guided-diffusion pixel DDPM.
+
+Protocol
+--------
+- ``eps(x_t, t, context) -> eps``: batched noise prediction. ``x_t`` [B, C, H, W] (variance-preserving
+  latent), ``t`` LongTensor [B] of training timesteps (0..T_train-1), ``context`` [B, L, D].
+- ``DDIMSchedule``: the training ``alphas_cumprod`` and N inference steps.
+- context tensors: ``cond`` [1|B, L, D] (the caption) and ``uncond`` [1|B, L, D] (the null text ψ("")).
+
+Step convention (diffusers' DDIMScheduler, timestep_spacing "leading", steps_offset=1,
+set_alpha_to_one=False, which is what the reference NULL-text code uses):
+  ratio = T_train // N,  t_k = (k−1)·ratio + 1 for k = 1..N  (N=50: 1, 21, …, 981),
+  level a_k = ᾱ[t_k] for k ≥ 1 and a_0 = ᾱ[0] (not 1: set_alpha_to_one=False).
+The trajectory is z_0 … z_N, z_k at noise level a_k; z_0 is the clean latent.
+- Sampling step i (i = 0..N−1, first step i = 0) goes from level k = N−i to k−1 with ε(z_k, t_k).
+- Inversion step k (k = 1..N) goes from level k−1 to k with ε(z_{k−1}, t_k) (the usual approximation:
+  the destination's timestep, evaluated at the current latent).
+Per-step null embeddings are indexed by the *sampling* step i (``nulls[0]`` is used at t_N).
+
+Callbacks are ``callback(done, total, latent)`` (the engine's convention): ``latent`` is the current
+trajectory latent (for a preview); raising from the callback aborts cleanly.
+
+Gradients: the optimisers run under ``torch.inference_mode(False)`` + ``torch.enable_grad()`` and clone
+their inputs, so they work when the host runs everything in inference mode (ComfyUI). The eps
+network's own weights must not be inference tensors (see ``models.edit.thaw``).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[int, int, torch.Tensor], None]
+
+__all__ = ["DDIMSchedule", "ddim_step", "ddim_invert", "null_text_optimize", "null_text_optimize_global",
+           "ddim_sample_cfg", "sdedit", "sdedit_start_step", "ddim_invert_pixel", "EpsFn", "Callback"]
+
+
+# --------------------------------------------------------------------------------------------- schedule
+def scaled_linear_alphas_cumprod(train_steps: int = 1000, beta_start: float = 0.00085,
+                                 beta_end: float = 0.012) -> torch.Tensor:
+    """Stable Diffusion's ᾱ: betas linear in sqrt space from beta_start to beta_end (float64)."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, train_steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+@dataclass
+class DDIMSchedule:
+    """N DDIM steps over a training schedule (convention in the module docstring).
+
+    ``alphas_cumprod`` defaults to SD's scaled_linear 0.00085–0.012 over 1000 steps; a host can pass its
+    own (ComfyUI: ``1 / (model_sampling.sigmas.double() ** 2 + 1)``)."""
+    steps: int = 50
+    alphas_cumprod: torch.Tensor | None = None
+    steps_offset: int = 1
+    timesteps: list[int] = field(init=False)  # t_1..t_N (ascending)
+    levels: list[float] = field(init=False)   # a_0..a_N
+
+    def __post_init__(self):
+        if self.alphas_cumprod is None:
+            self.alphas_cumprod = scaled_linear_alphas_cumprod()
+        ac = torch.as_tensor(self.alphas_cumprod, dtype=torch.float64).cpu()
+        self.alphas_cumprod = ac
+        train = ac.shape[0]
+        if not 1 <= self.steps <= train:
+            raise ValueError(f"DDIM steps = {self.steps}: it must be in 1..{train}")
+        ratio = train // self.steps
+        self.timesteps = [min((k - 1) * ratio + self.steps_offset, train - 1) for k in range(1, self.steps + 1)]
+        self.levels = [float(ac[0])] + [float(ac[t]) for t in self.timesteps]
+
+    @property
+    def train_steps(self) -> int:
+        return self.alphas_cumprod.shape[0]
+
+    def t(self, k: int, n: int, device) -> torch.Tensor:
+        """Timestep t_k as a LongTensor [n] (k = 1..N)."""
+        return torch.full((n,), self.timesteps[k - 1], dtype=torch.long, device=device)
+
+    def q_sample(self, z0: torch.Tensor, k: int, noise: torch.Tensor) -> torch.Tensor:
+        """z at level k: sqrt(a_k)·z0 + sqrt(1−a_k)·noise (k = 0 is level ᾱ[0], not exactly clean)."""
+        a = self.levels[k]
+        return math.sqrt(a) * z0 + math.sqrt(1 - a) * noise
+
+
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_from: float, a_to: float) -> torch.Tensor:
+    """Deterministic DDIM move between two noise levels (either direction), eta 0."""
+    x0 = (x - math.sqrt(1 - a_from) * eps) / math.sqrt(a_from)
+    return math.sqrt(a_to) * x0 + math.sqrt(1 - a_to) * eps
+
+
+# --------------------------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def grad_mode():
+    """Gradients even when the caller runs under torch.inference_mode() (ComfyUI does)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def _ctx(c: torch.Tensor, n: int, name: str) -> torch.Tensor:
+    if c.ndim != 3:
+        raise ValueError(f"{name} must be [1|B, L, D] (a CONDITIONING tensor), got {tuple(c.shape)}")
+    if c.shape[0] == n:
+        return c
+    if c.shape[0] == 1:
+        return c.expand(n, -1, -1)
+    raise ValueError(f"{name} has batch {c.shape[0]} for {n} latents: give 1 or {n}")
+
+
+def _eps(eps: EpsFn, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    try:
+        out = eps(x, t, context)
+    except RuntimeError as e:
+        if "Inference tensors cannot be saved for backward" in str(e):
+            raise RuntimeError("the model's weights are inference tensors, so no gradient can flow "
+                               "through it; re-create them outside inference mode first "
+                               "(models.edit.thaw(module) inside torch.inference_mode(False))") from e
+        raise
+    if out.shape != x.shape:
+        raise ValueError(f"eps returned {tuple(out.shape)} for an input of {tuple(x.shape)}")
+    return out.to(x.dtype)
+
+
+def _cfg(eps: EpsFn, z, t, cond, uncond, guidance):
+    """Classifier-free guided ε: ε_u + w(ε_c − ε_u), one batched call; w = 1 runs cond only."""
+    if guidance == 1:
+        return _eps(eps, z, t, cond)
+    n = z.shape[0]
+    out = _eps(eps, torch.cat([z, z]), torch.cat([t, t]), torch.cat([uncond, cond]))
+    e_u, e_c = out[:n], out[n:]
+    return e_u + guidance * (e_c - e_u)
+
+
+def _check_latents(schedule: DDIMSchedule, latents: Sequence[torch.Tensor]):
+    if len(latents) != schedule.steps + 1:
+        raise ValueError(f"{len(latents)} latents for a {schedule.steps}-step schedule: pass the whole "
+                         f"ddim_invert trajectory z_0..z_N ({schedule.steps + 1} latents) with the same steps")
+    if latents[0].shape[0] != 1:
+        raise ValueError(f"NULL-text optimisation inverts one image at a time, got a batch of "
+                         f"{latents[0].shape[0]}: call it once per image")
+
+
+# --------------------------------------------------------------------------------------------- algorithms
+@torch.no_grad()
+def ddim_invert(eps: EpsFn, schedule: DDIMSchedule, z0: torch.Tensor, cond: torch.Tensor,
+                callback: Callback | None = None) -> list[torch.Tensor]:
+    """DDIM inversion with the conditional prediction only (guidance 1): the pivot trajectory
+    [z*_0, …, z*_N] (z*_0 = z0, z*_N the inverted noise)."""
+    z = z0.detach().clone()
+    cond = _ctx(cond.detach().clone(), z.shape[0], "cond")
+    out = [z]
+    n = schedule.steps
+    for k in range(1, n + 1):
+        e = _eps(eps, z, schedule.t(k, z.shape[0], z.device), cond)
+        z = ddim_step(z, e, schedule.levels[k - 1], schedule.levels[k])
+        out.append(z)
+        if callback is not None:
+            callback(k, n, z)
+    return out
+
+
+def null_text_optimize(eps: EpsFn, schedule: DDIMSchedule, latents: Sequence[torch.Tensor],
+                       cond: torch.Tensor, uncond: torch.Tensor, guidance: float = 7.5,
+                       inner_steps: int = 10, lr: float = 1e-2, epsilon: float = 1e-5,
+                       callback: Callback | None = None, losses: list | None = None) -> list[torch.Tensor]:
+    """NULL-text optimisation (Algorithm 1 of the paper): one null embedding per sampling step.
+
+    For sampling step i (from z̄_k, k = N−i; z̄_N = z*_N): Adam on a copy of the current null embedding,
+    lr·(1 − i/100) (floored at lr·0.1 beyond 90 steps), at most ``inner_steps`` updates of
+    ‖z*_{k−1} − DDIM(z̄_k, ∅, C)‖² (mean squared error), stopping early once the loss is below
+    ε + i·2e-5; then z̄_{k−1} = DDIM(z̄_k, ∅_i, C) and ∅ carries over to step i+1.
+    Returns [∅_0, …, ∅_{N−1}] (each [1, L, D], float32, detached). ``losses``, if given, receives
+    the last loss of each step."""
+    _check_latents(schedule, latents)
+    n = schedule.steps
+    with grad_mode():
+        target = [z.detach().clone() for z in latents]
+        cond = _ctx(cond.detach().clone(), 1, "cond")
+        null = _ctx(uncond.detach().clone(), 1, "uncond").float()
+        if null.shape[1:] != cond.shape[1:]:
+            raise ValueError(f"uncond {tuple(null.shape)} and cond {tuple(cond.shape)} differ in shape: "
+                             "encode the empty prompt with the same text encoder")
+        z = target[n]
+        nulls = []
+        for i in range(n):
+            k = n - i
+            t = schedule.t(k, 1, z.device)
+            a_from, a_to = schedule.levels[k], schedule.levels[k - 1]
+            with torch.no_grad():
+                e_c = _eps(eps, z, t, cond.to(z.dtype))
+            null = null.detach().clone().requires_grad_(True)
+            opt = torch.optim.Adam([null], lr=lr * max(1.0 - i / 100.0, 0.1))
+            loss_value = float("nan")
+            for _ in range(inner_steps):
+                e_u = _eps(eps, z, t, null.to(z.dtype))
+                pred = ddim_step(z, e_u + guidance * (e_c - e_u), a_from, a_to)
+                loss = F.mse_loss(pred.float(), target[k - 1].float())
+                (grad,) = torch.autograd.grad(loss, [null])
+                null.grad = grad
+                opt.step()
+                loss_value = loss.item()
+                if loss_value < epsilon + i * 2e-5:
+                    break
+            null = null.detach()
+            nulls.append(null.clone())
+            if losses is not None:
+                losses.append(loss_value)
+            with torch.no_grad():
+                e_u = _eps(eps, z, t, null.to(z.dtype))
+                z = ddim_step(z, e_u + guidance * (e_c - e_u), a_from, a_to)
+            log.debug("null-text step %d/%d: loss %.3g", i + 1, n, loss_value)
+            if callback is not None:
+                callback(i + 1, n, z)
+    return nulls
+
+
+def null_text_optimize_global(eps: EpsFn, schedule: DDIMSchedule, latents: Sequence[torch.Tensor],
+                              cond: torch.Tensor, uncond: torch.Tensor, guidance: float = 7.5,
+                              epochs: int = 10, lr: float = 1e-2,
+                              callback: Callback | None = None) -> torch.Tensor:
+    """Global NULL-text inversion (supplement Algorithm 2): one null embedding for every step.
+
+    ``epochs`` passes; each starts at z̄_N = z*_N and, for every sampling step, takes one Adam step
+    (lr) on ‖z*_{k−1} − DDIM(z̄_k, ∅, C)‖², then sets z̄_{k−1} = DDIM(z̄_k, ∅, C) with the updated ∅.
+    Same number of gradient steps as ``null_text_optimize`` with inner_steps = epochs (which may
+    stop early). Returns ∅ [1, L, D] (float32, detached); callback(done, epochs·N, z̄)."""
+    _check_latents(schedule, latents)
+    n = schedule.steps
+    with grad_mode():
+        target = [z.detach().clone() for z in latents]
+        cond = _ctx(cond.detach().clone(), 1, "cond")
+        null = _ctx(uncond.detach().clone(), 1, "uncond").float().requires_grad_(True)
+        opt = torch.optim.Adam([null], lr=lr)
+        for j in range(epochs):
+            z = target[n]
+            for i in range(n):
+                k = n - i
+                t = schedule.t(k, 1, z.device)
+                a_from, a_to = schedule.levels[k], schedule.levels[k - 1]
+                with torch.no_grad():
+                    e_c = _eps(eps, z, t, cond.to(z.dtype))
+                e_u = _eps(eps, z, t, null.to(z.dtype))
+                pred = ddim_step(z, e_u + guidance * (e_c - e_u), a_from, a_to)
+                loss = F.mse_loss(pred.float(), target[k - 1].float())
+                (grad,) = torch.autograd.grad(loss, [null])
+                null.grad = grad
+                opt.step()
+                with torch.no_grad():
+                    e_u = _eps(eps, z, t, null.detach().to(z.dtype))
+                    z = ddim_step(z, e_u + guidance * (e_c - e_u), a_from, a_to)
+                if callback is not None:
+                    callback(j * n + i + 1, epochs * n, z)
+    return null.detach().clone()
+
+
+@torch.no_grad()
+def ddim_sample_cfg(eps: EpsFn, schedule: DDIMSchedule, z: torch.Tensor, cond: torch.Tensor,
+                    uncond: torch.Tensor | Sequence[torch.Tensor], guidance: float = 7.5,
+                    start_step: int = 0, controller=None, callback: Callback | None = None) -> torch.Tensor:
+    """Deterministic DDIM sampling with classifier-free guidance, from sampling step ``start_step``
+    (z at level N − start_step; 0 = from z_N) down to z_0.
+
+    ``uncond``: one null embedding [1|B, L, D] for all steps, or the per-step list from
+    ``null_text_optimize`` (indexed by the absolute sampling step, so it must have N entries).
+    ``controller`` (models.p2p.AttentionControl, optional): told the step before each UNet call
+    (``begin_step``; the batched call is [uncond rows, cond rows], i.e. cond_or_uncond = [1, 0]) and
+    given the latents after it (``end_step``, local blending). For prompt-to-prompt pass the batch
+    [source, edit…] with cond [B, L, D]."""
+    n = schedule.steps
+    if not 0 <= start_step <= n:
+        raise ValueError(f"start_step = {start_step}: it must be in 0..{n}")
+    per_step = isinstance(uncond, (list, tuple))
+    if per_step and len(uncond) != n:
+        raise ValueError(f"{len(uncond)} null embeddings for a {n}-step schedule: the list from "
+                         "null_text_optimize must come from the same number of steps")
+    b = z.shape[0]
+    cond = _ctx(cond, b, "cond").to(z.device, z.dtype)
+    for i in range(start_step, n):
+        k = n - i
+        u = _ctx(uncond[i] if per_step else uncond, b, "uncond").to(z.device, z.dtype)
+        if controller is not None:
+            controller.begin_step(i, n, cond_or_uncond=[0] if guidance == 1 else [1, 0],
+                                  latent_shape=tuple(z.shape[-2:]))
+        e = _cfg(eps, z, schedule.t(k, b, z.device), cond, u, guidance)
+        z = ddim_step(z, e, schedule.levels[k], schedule.levels[k - 1])
+        if controller is not None:
+            z = controller.end_step(z)
+        if callback is not None:
+            callback(i - start_step + 1, n - start_step, z)
+    return z
+
+
+def sdedit_start_step(schedule: DDIMSchedule, t0: float) -> int:
+    """The sampling step SDEdit starts at for strength t0 in (0, 1] (1 = from pure noise level N)."""
+    if not 0 < t0 <= 1:
+        raise ValueError(f"SDEdit t0 = {t0}: it must be in (0, 1]")
+    return schedule.steps - max(1, round(t0 * schedule.steps))
+
+
+@torch.no_grad()
+def sdedit(eps: EpsFn, schedule: DDIMSchedule, z0: torch.Tensor, cond: torch.Tensor,
+           uncond: torch.Tensor | Sequence[torch.Tensor], t0: float, guidance: float = 7.5,
+           noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+           start_latent: torch.Tensor | None = None, controller=None,
+           callback: Callback | None = None) -> torch.Tensor:
+    """SDEdit from t0: noise z0 to level k = round(t0·N) (fresh noise, or ``start_latent``, e.g. the
+    inverted z*_k = latents[k]), then DDIM with guidance towards ``cond``. With the per-step null
+    embeddings of the inversion as ``uncond`` this is the supplement's "SDEdit after NULL-text
+    inversion"; with ψ("") it is plain SDEdit."""
+    start = sdedit_start_step(schedule, t0)
+    k = schedule.steps - start
+    if start_latent is None:
+        if noise is None:
+            noise = torch.randn(z0.shape, generator=generator, dtype=z0.dtype).to(z0.device)
+        start_latent = schedule.q_sample(z0, k, noise)
+    return ddim_sample_cfg(eps, schedule, start_latent, cond, uncond, guidance, start, controller, callback)
+
+
+# --------------------------------------------------------------------------------------------- pixel DDPM
+@torch.no_grad()
+def ddim_invert_pixel(ddpm, x0: torch.Tensor, k: int, y: torch.Tensor | None = None,
+                      callback: Callback | None = None) -> torch.Tensor:
+    """Deterministic DDIM inversion (eta 0) of a guided-diffusion DDPM (models.ddpm.DDPM):
+    x0 [B, 3, S, S] in [−1, 1] → x at spaced step k−1 (level ᾱ[k−1]), the latent that
+    ``blended_diffusion(..., k, x_start=…, ddim=True)`` / ``edit(..., skip_timesteps=num_steps−k,
+    x_start=…)`` starts from, instead of q_sample.
+
+    k steps, mirroring the k sampling steps: step i (0..k−1) goes from level ᾱ_prev[i] (ᾱ_prev[0] = 1,
+    the clean image) to ᾱ[i] with x̂0 and ε from one UNet call at spaced timestep i — guided-diffusion's
+    ddim_reverse_sample math, with the destination's timestep (as DDIM inversion for SD does)."""
+    if not 1 <= k <= ddpm.num_steps:
+        raise ValueError(f"k = {k}: it must be in 1..{ddpm.num_steps} (the model's respaced steps)")
+    s = ddpm.sched
+    x = x0.detach().clone().float().to(ddpm.device)
+    for i in range(k):
+        eps, _ = ddpm.eps_and_var(x, i, y)
+        a_from, a_to = s["ac_prev"][i], s["ac"][i]
+        x0_pred = (x - (1 - a_from).sqrt() * eps) / a_from.sqrt()
+        x = a_to.sqrt() * x0_pred + (1 - a_to).sqrt() * eps
+        if callback is not None:
+            callback(i + 1, k, x)
+    return x

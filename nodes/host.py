@@ -1,0 +1,159 @@
+"""The one host adapter: model folders, device, memory, progress with previews and interrupts.
+
+Inside ComfyUI (``folder_paths`` and ``comfy.model_management`` import) it uses the host's services;
+standalone (tests, the command line, ``runner.py``) it gives the same services without the host:
+models in the ``ddpm/`` and ``clip_guidance/`` folders of ``models.weights.search_dirs``
+(``$BLENDED_DIFFUSION_MODELS``, ComfyUI's models folder when the pack sits in ``custom_nodes``,
+``~/.cache/blended_diffusion``), CUDA if available, a tqdm bar, and an interrupt flag set by
+``request_interrupt()``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+
+from ..models.weights import FOLDERS as KINDS
+from ..models.weights import search_dirs
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = {".pt", ".pth", ".bin", ".safetensors"}
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+
+try:  # ComfyUI
+    import comfy.model_management as _mm
+    import comfy.utils as _cu
+    import folder_paths as _fp
+    IN_COMFYUI = True
+    Interrupted = _mm.InterruptProcessingException
+except ImportError:
+    _mm = _cu = _fp = None
+    IN_COMFYUI = False
+
+    class Interrupted(Exception):
+        """The run was cancelled (``request_interrupt()``); loaded models stay usable."""
+
+_interrupt = threading.Event()
+
+
+def register() -> None:
+    """Add ``models/ddpm`` and ``models/clip_guidance`` to ComfyUI's model folders (extending any
+    extra_model_paths.yaml entries) and copy the pack's example images into ComfyUI's input folder
+    (never overwriting a file there). Does nothing standalone."""
+    if not IN_COMFYUI:
+        return
+    for kind in KINDS:
+        _fp.add_model_folder_path(kind, os.path.join(_fp.models_dir, kind))
+        _fp.folder_names_and_paths[kind][1].update(EXTENSIONS)  # same set object: extended in place
+    try:
+        input_dir = Path(_fp.get_input_directory())
+        for png in EXAMPLES_DIR.glob("*.png"):
+            if not (input_dir / png.name).exists():
+                input_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(png, input_dir / png.name)
+    except OSError as e:
+        log.warning("could not copy the Blended Diffusion example images to ComfyUI's input folder: %s", e)
+
+
+def list_models(kind: str) -> list[str]:
+    """File names (relative, '/'-separated) of the models of one kind, sorted."""
+    if IN_COMFYUI:
+        return _fp.get_filename_list(kind)
+    names = set()
+    for root in search_dirs(kind):
+        if root.is_dir():
+            names.update(p.relative_to(root).as_posix() for p in root.rglob("*")
+                         if p.is_file() and p.suffix.lower() in EXTENSIONS)
+    return sorted(names)
+
+
+def model_path(kind: str, name: str) -> str:
+    """Full path of a model file; FileNotFoundError names the folder to put it in."""
+    if IN_COMFYUI:
+        return _fp.get_full_path_or_raise(kind, name)
+    dirs = search_dirs(kind)
+    for root in dirs:
+        if (root / name).is_file():
+            return str(root / name)
+    raise FileNotFoundError(f"{name!r} is not in {' or '.join(map(str, dirs))}: put the file there "
+                            "(or point BLENDED_DIFFUSION_MODELS at a folder holding ddpm/ and clip_guidance/)")
+
+
+def torch_device() -> torch.device:
+    if IN_COMFYUI:
+        return _mm.get_torch_device()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def free_memory() -> None:
+    """Give cached accelerator memory back (after unloading a model or an out-of-memory error)."""
+    if IN_COMFYUI:
+        _mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def request_interrupt() -> None:
+    """Ask the running sampler to stop at its next step (it raises ``Interrupted``)."""
+    if IN_COMFYUI:
+        _mm.interrupt_current_processing(True)
+    else:
+        _interrupt.set()
+
+
+def check_interrupt() -> None:
+    """Raise ``Interrupted`` if a stop was requested (the request is then cleared)."""
+    if IN_COMFYUI:
+        _mm.throw_exception_if_processing_interrupted()
+    elif _interrupt.is_set():
+        _interrupt.clear()
+        raise Interrupted("cancelled")
+
+
+def to_pil(x: torch.Tensor):
+    """First image of a [B, 3, H, W] batch in [-1, 1] as a PIL image."""
+    from PIL import Image
+    arr = ((x[0].detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+class Progress:
+    """``update(step, preview)``: step count out of ``total`` and an optional x̂0 preview ([B,3,H,W]
+    in [-1, 1]); shown on the node in ComfyUI, as a tqdm bar standalone. Passing a different
+    ``total`` starts a new stage (multi-stage runs such as extrapolation)."""
+
+    def __init__(self, total: int, desc: str = "Blended Diffusion"):
+        self.total = max(int(total), 1)
+        self.step = 0
+        if IN_COMFYUI:
+            self._bar = _cu.ProgressBar(self.total)
+        else:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=self.total, desc=desc, leave=False)
+
+    def update(self, step: int, preview: torch.Tensor | None = None, total: int | None = None) -> None:
+        step = int(step)
+        if (total is not None and total != self.total) or step < self.step:  # a new stage
+            self.total, self.step = max(int(total or self.total), 1), 0
+            if not IN_COMFYUI:
+                self._bar.reset(total=self.total)
+        step = min(step, self.total)
+        if IN_COMFYUI:
+            self._bar.update_absolute(step, self.total,
+                                      None if preview is None else ("JPEG", to_pil(preview), 512))
+        else:
+            self._bar.update(step - self.step)
+        self.step = step
+
+    def close(self) -> None:
+        if not IN_COMFYUI:
+            self._bar.close()
+
+
+def progress(total: int, desc: str = "Blended Diffusion") -> Progress:
+    return Progress(total, desc)

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .guidance import Guide, guided_eps
+from .guidance import Guide, guided_eps, to_device
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,8 @@ def generators(seed: int, first: int, n: int) -> list[torch.Generator]:
 
 
 def randn(gens, shape, device) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+    """Noise drawn from each result's CPU generator: the same seed gives the same result on any device."""
+    return to_device(torch.stack([torch.randn(shape, generator=g) for g in gens]), device)
 
 
 def class_labels(ddpm, gens, class_label, device):
@@ -40,7 +41,7 @@ def class_labels(ddpm, gens, class_label, device):
         return None
     if class_label is not None and class_label >= 0:
         return torch.full((len(gens),), class_label, dtype=torch.long, device=device)
-    return torch.cat([torch.randint(ddpm.num_classes, (1,), generator=g) for g in gens]).to(device)
+    return to_device(torch.cat([torch.randint(ddpm.num_classes, (1,), generator=g) for g in gens]), device)
 
 
 def ddpm_step(ddpm, x, i, eps, v, grad, noise):

@@ -36,6 +36,14 @@ class Guide:
             raise ValueError("a prompt needs a CLIP model: connect LoadCLIP (or pass --clip)")
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """CPU → device without a host-device sync (pinned memory, non-blocking copy on CUDA)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @functools.lru_cache(maxsize=2)
 def lpips_model(net: str = "vgg"):
     """LPIPS for the Algorithm 1 background loss and the evaluation. Its backbone comes from
@@ -89,8 +97,8 @@ def guided_eps(ddpm, x, i, guide: Guide, source, mask, gens, y=None):
         return eps, v, None
     mats = None
     if guide.uses_clip:
-        mats = torch.stack([random_homographies(g, guide.augment.num_views, guide.clip.input_size,
-                                                guide.augment) for g in gens]).to(x.device)
+        mats = to_device(torch.stack([random_homographies(g, guide.augment.num_views, guide.clip.input_size,
+                                                          guide.augment) for g in gens]), x.device)
     x = x.detach().requires_grad_(True)
     with torch.set_grad_enabled(not guide.fast):
         eps, v = ddpm.eps_and_var(x, i, y)

@@ -12,6 +12,7 @@ It runs the pack's nodes plus minimal stand-ins for the few core nodes our workf
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -147,7 +148,7 @@ def load_workflow(workflow) -> dict:
     if not isinstance(workflow, dict) or not all(isinstance(n, dict) and "class_type" in n for n in workflow.values()):
         raise ValueError("not an API-format workflow ({id: {class_type, inputs}}); in ComfyUI use "
                          "'Export (API)' to save one (UI-format files have 'nodes' and 'links')")
-    return {str(k): v for k, v in workflow.items()}
+    return {str(k): copy.deepcopy(v) for k, v in workflow.items()}  # overrides never touch the caller's dict
 
 
 def run_workflow(workflow, input_dir=None, output_dir="output", overrides: dict | None = None) -> RunResult:
@@ -157,7 +158,9 @@ def run_workflow(workflow, input_dir=None, output_dir="output", overrides: dict 
     SaveImage/PreviewImage write; ``overrides``: {node_id: {input: value}} applied before running."""
     wf = load_workflow(workflow)
     for nid, changes in (overrides or {}).items():
-        wf[str(nid)]["inputs"].update(changes)
+        if str(nid) not in wf:
+            raise ValueError(f"override for node {nid!r}, which is not in the workflow (nodes: {', '.join(wf)})")
+        wf[str(nid)].setdefault("inputs", {}).update(changes)
     classes = {**CORE_STANDINS, **NODE_CLASS_MAPPINGS}
     missing = sorted({n["class_type"] for n in wf.values()} - set(classes))
     if missing:

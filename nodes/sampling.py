@@ -209,6 +209,9 @@ class MaskBlend:
         if invert:
             m = 1 - m
         m = feather_mask(m, feather)
+        if not (m > 0).any():
+            log.warning("MaskBlend: the mask is empty, nothing will be edited. With LoadImage, open the "
+                        "image in the mask editor and paint the region to change (or turn on invert)")
         src = None if source is None else image_to_bchw(source).clamp(0, 1)
         return BlendRule(mask=m, enforce_background=enforce_background, source=src), m.cpu()
 

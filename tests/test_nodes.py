@@ -356,3 +356,8 @@ def test_runner_errors_name_the_problem(models_dir, tmp_path):
           "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 5], "filename_prefix": "x"}}}
     with pytest.raises(ValueError, match="output 5"):
         runner.run_workflow(wf, output_dir=tmp_path)
+    with pytest.raises(ValueError, match="node '7'"):
+        runner.run_workflow(wf, output_dir=tmp_path, overrides={"7": {"x": 1}})
+    res = runner.run_workflow(wf, output_dir=tmp_path, overrides={"2": {"images": ["1", 0]}})
+    assert wf["2"]["inputs"]["images"] == ["1", 5]  # the caller's workflow is left as it was
+    assert [p.name for p in res.files] == ["x_00001_.png"] and res.ui["2"]["images"][0]["filename"] == "x_00001_.png"

@@ -1,0 +1,912 @@
+"""Command line: ``python -m blended_diffusion {edit,extrapolate,rank,run,weights} ...``
+(also installed as the ``blended-diffusion`` console script).
+
+``edit`` takes the official code's flags with their defaults (omriav/blended-diffusion main.py), so an
+old command line can be pasted after ``edit`` (or with no subcommand at all). It never imports ComfyUI.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("blended_diffusion.cli")
+summary = logging.getLogger("blended_diffusion.cli.summary")  # final lines, to stdout
+
+PACK_ROOT = Path(__file__).resolve().parent
+EXAMPLES_DIR = PACK_ROOT / "examples"
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+SUBCOMMANDS = ("edit", "extrapolate", "rank", "run", "weights")
+
+# The bundled example that `edit` / `extrapolate` use without -i: (image, mask, prompt), first found.
+EXAMPLE_CANDIDATES = (
+    ("bd_scene.png", "bd_scene_mask.png", "a watermelon"),
+)
+
+
+class CLIError(Exception):
+    """A user-facing error: the message says what is wrong and what to do."""
+
+
+# --- argument parsing ---------------------------------------------------------------------------
+def _add_model_args(p: argparse.ArgumentParser, *, ddpm: bool = True, clip: bool = True):
+    g = p.add_argument_group("models and device")
+    if ddpm:
+        g.add_argument("--model", metavar="PATH", default=None,
+                       help="guided-diffusion checkpoint (.pt/.safetensors); default: "
+                            "256x256_diffusion_uncond.pt (512x512_diffusion.pt with --model_output_size "
+                            "512) from the model folders, downloaded if missing")
+    if clip:
+        g.add_argument("--clip", metavar="PATH", default=None,
+                       help="OpenAI CLIP checkpoint; default: ViT-B-16.pt from the model folders, "
+                            "downloaded if missing")
+    g.add_argument("--device", default="auto",
+                   help="torch device: auto (cuda:<gpu_id> if available, else mps, else cpu), cpu, cuda, "
+                        "cuda:1, … (default: auto)")
+    g.add_argument("--gpu_id", type=int, default=0, help="GPU index used by --device auto (official flag)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto = fp16 on CUDA (as the official code), fp32 elsewhere")
+    g.add_argument("--offline", action="store_true",
+                   help="never download weights; fail with the file name, URL and folder instead")
+
+
+def _add_diffusion_args(p: argparse.ArgumentParser):
+    p.add_argument("--timestep_respacing", type=str, default="100",
+                   help="respaced steps out of 1000 (guided-diffusion syntax: '100', 'ddim50', '10,20')")
+    p.add_argument("--model_output_size", type=int, default=256, choices=[256, 512],
+                   help="which default model to use: 256 (unconditional) or 512 (class-conditional)")
+    p.add_argument("--ddim", action="store_true", help="DDIM (Algorithm 3) instead of DDPM (Algorithm 2)")
+    p.add_argument("--aug_num", type=int, default=8, help="number of extending augmentations (CLIP views)")
+    p.add_argument("--clip_guidance_lambda", type=float, default=1000,
+                   help="weight of the CLIP loss (how much the region should match the prompt)")
+    p.add_argument("--range_lambda", type=float, default=50,
+                   help="weight of the range loss (penalises x̂0 values outside [-1, 1])")
+    p.add_argument("--seed", type=int, default=404, help="random seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blended-diffusion",
+        description="Blended Diffusion: text-driven editing of a region of a real image "
+                    "(Avrahami et al., CVPR 2022), from the command line.",
+        epilog="Run `%(prog)s SUBCOMMAND -h` for the options of each subcommand. An official "
+               "command line (main.py -p ... -i ... --mask ...) works pasted after `edit`, or alone.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug messages and full tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and the summary")
+    sub = parser.add_subparsers(dest="command", metavar="{edit,extrapolate,rank,run,weights}")
+
+    # edit -------------------------------------------------------------------------------------
+    e = sub.add_parser("edit", help="edit the masked region of an image to match a prompt",
+                       description="Blended Diffusion edit with the official flags and defaults. "
+                                   "Without -i/--mask, edits the example that ships with the pack.")
+    e.add_argument("-p", "--prompt", type=str, default=None,
+                   help="the text the edited region should match ('' = no guidance: removal/inpainting)")
+    e.add_argument("-i", "--init_image", type=str, default=None, help="the source image")
+    e.add_argument("--mask", type=str, default=None,
+                   help="mask image: any non-zero pixel is edited; with transparency, transparent pixels "
+                        "are edited (ComfyUI's convention). Without it: -i's own transparent pixels if "
+                        "any, else the whole image")
+    e.add_argument("--skip_timesteps", type=int, default=25,
+                   help="steps skipped at the start (more = closer to the source, fewer = freer)")
+    _add_diffusion_args(e)
+    e.add_argument("--local_clip_guided_diffusion", action="store_true",
+                   help="Algorithm 1 (local CLIP-guided diffusion, no blending) for comparison")
+    e.add_argument("--lpips_sim_lambda", type=float, default=1000,
+                   help="LPIPS background weight (with --background_preservation_loss)")
+    e.add_argument("--l2_sim_lambda", type=float, default=10000,
+                   help="L2 background weight (with --background_preservation_loss)")
+    e.add_argument("--background_preservation_loss", action="store_true",
+                   help="add the LPIPS + L2 background loss (Algorithm 1's D_bg)")
+    e.add_argument("--invert_mask", action="store_true", help="edit outside the mask instead")
+    e.add_argument("--no_enforce_background", action="store_false", dest="enforce_background",
+                   help="do not paste the exact source background after the last step")
+    e.add_argument("--batch_size", type=int, default=4, help="results per diffusion run")
+    e.add_argument("--iterations_num", type=int, default=8, help="diffusion runs (results = iterations × batch)")
+    e.add_argument("--output_path", type=str, default="output", help="output folder")
+    e.add_argument("-o", "--output_file", type=str, default="output.png",
+                   help="result file name; results are <stem>_i_<iteration>_b_<index>.png")
+    e.add_argument("--vid", action="store_true", dest="save_video",
+                   help="also save the x̂0 of every step of each result as an animated GIF")
+    e.add_argument("--export_assets", action="store_true",
+                   help="also save the source image, the binary mask and the results to <output_path>/assets")
+    e.add_argument("--fast", action="store_true",
+                   help="no backward pass through the UNet (∂x̂0/∂x_t taken as its linear part): faster, "
+                        "slightly different results")
+    _add_model_args(e)
+
+    # extrapolate ------------------------------------------------------------------------------
+    x = sub.add_parser("extrapolate", help="extend an image beyond its borders, guided by a prompt per side",
+                       description="Text-guided extrapolation (paper supplement B.5.2). Name each side "
+                                   "to extend with its prompt, e.g. --left 'a lake' --right 'a forest'.")
+    x.add_argument("-i", "--init_image", type=str, default=None,
+                   help="the image to extend (default: the bundled example)")
+    for d in ("left", "right", "up", "down"):
+        x.add_argument(f"--{d}", metavar="PROMPT", nargs="?", const=True, default=None,
+                       help=f"extend to the {d} under this prompt (no text: use -p; '' = unguided)")
+    x.add_argument("-p", "--prompt", type=str, default=None, help="prompt for the sides given without text")
+    x.add_argument("--amount", type=float, default=0.5,
+                   help="growth per side as a fraction of the image size (0.5 adds half the width)")
+    x.add_argument("--k_min", type=int, default=None, help="fewest denoising steps of a stage (default 0.5·steps)")
+    x.add_argument("--k_max", type=int, default=None, help="most denoising steps of a stage (default 0.8·steps)")
+    x.add_argument("--final_k", type=int, default=None,
+                   help="steps of the final unguided harmonising pass (default 0.2·steps, 0 = none)")
+    _add_diffusion_args(x)
+    x.add_argument("--output_path", type=str, default="output", help="output folder")
+    x.add_argument("-o", "--output_file", type=str, default="extrapolated.png", help="result file name")
+    _add_model_args(x)
+
+    # rank -------------------------------------------------------------------------------------
+    r = sub.add_parser("rank", help="rank images by CLIP distance to a prompt under a mask",
+                       description="Rank results (files or folders of images) by D_CLIP to the prompt "
+                                   "inside the mask, lower is better; copies them best first.")
+    r.add_argument("images", nargs="+", help="image files and/or folders of images")
+    r.add_argument("-p", "--prompt", type=str, required=True, help="the prompt the images should match")
+    r.add_argument("--mask", type=str, default=None, help="mask image (default: the whole image)")
+    r.add_argument("--invert_mask", action="store_true", help="score outside the mask instead")
+    r.add_argument("--top_k", type=int, default=0, help="copy only the best K (0 = all); the JSON lists all")
+    r.add_argument("--output_path", type=str, default="output",
+                   help="copies go to <output_path>/ranked, the JSON to <output_path>/rank.json")
+    _add_model_args(r, ddpm=False)
+
+    # run --------------------------------------------------------------------------------------
+    u = sub.add_parser("run", help="execute a workflows/api/*.json graph without ComfyUI",
+                       description="Run an API-format workflow with the pack's standalone graph runner. "
+                                   "Override inputs with --set NODE_ID.INPUT=VALUE (repeatable).")
+    u.add_argument("workflow", help="path to an API-format workflow JSON, or the name of one in workflows/api")
+    u.add_argument("--set", action="append", default=[], metavar="NODE_ID.INPUT=VALUE", dest="overrides",
+                   help="override an input, e.g. --set 3.seed=5 or --set 6.text='a red ball' "
+                        "(values are parsed as JSON when they can be)")
+    u.add_argument("--output_path", type=str, default="output", help="folder for the saved images")
+    u.add_argument("--input_dir", type=str, default=None,
+                   help="folder LoadImage reads from (default: the pack's examples/; absolute paths in "
+                        "--set N.image=/path/x.png work too)")
+    u.add_argument("--models_dir", type=str, default=None,
+                   help="folder with ddpm/ and clip_guidance/ subfolders holding the workflow's model files "
+                        "(default: $BLENDED_DIFFUSION_MODELS, ComfyUI's models folder, ~/.cache/blended_diffusion)")
+    u.add_argument("--list", action="store_true", help="list the bundled API workflows and exit")
+
+    # weights ----------------------------------------------------------------------------------
+    w = sub.add_parser("weights", help="show where the default weight files are looked up; download them",
+                       description="Lists the default weight files, the folders searched and what was "
+                                   "found. With --download, fetches missing ones (checked by sha256).")
+    w.add_argument("--download", action="store_true", help="download the missing default files")
+    w.add_argument("--include_512", action="store_true", help="also the 512x512 class-conditional model")
+    return parser
+
+
+def _implicit_edit(argv: list[str]) -> list[str]:
+    """An official command line without subcommand (``-p ... -i ...``) means ``edit``."""
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "-v", "--verbose", "-q", "--quiet"):
+        return ["edit", *argv]
+    return argv
+
+
+# --- helpers ------------------------------------------------------------------------------------
+def resolve_device(name: str, gpu_id: int = 0):
+    import torch
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{gpu_id}")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise CLIError(f"--device {name!r}: {e}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: no CUDA GPU is visible to torch; use --device cpu")
+    return dev
+
+
+def resolve_precision(precision: str, device) -> str:
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def count_steps(respacing: str) -> int:
+    """Number of respaced steps, checked before any model is loaded."""
+    from guided_diffusion.respace import space_timesteps
+    try:
+        return len(space_timesteps(1000, respacing))
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"--timestep_respacing {respacing!r}: {e}. Use a number of steps such as 100, "
+                       "'ddim50', or comma-separated counts per section") from None
+
+
+def weight_path(explicit: str | None, key: str, offline: bool) -> Path:
+    from .models import weights
+    if explicit:
+        p = Path(explicit).expanduser()
+        if not p.is_file():
+            raise CLIError(f"{explicit}: file not found")
+        return p
+    return weights.ensure(key, download=not offline)
+
+
+def find_example() -> tuple[Path, Path | None, str]:
+    """The bundled example: (image, mask, prompt)."""
+    for img, mask, prompt in EXAMPLE_CANDIDATES:
+        if (EXAMPLES_DIR / img).is_file():
+            m = EXAMPLES_DIR / mask if mask and (EXAMPLES_DIR / mask).is_file() else None
+            return EXAMPLES_DIR / img, m, prompt
+    raise CLIError(f"the bundled example image is missing from {EXAMPLES_DIR}; give an image with "
+                   "-i IMAGE (and --mask MASK, -p PROMPT)")
+
+
+def load_image(path: str | Path):
+    """RGB image file → [1, 3, H, W] float in 0..1 (EXIF orientation applied)."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+    except FileNotFoundError:
+        raise CLIError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise CLIError(f"{path}: not a readable image ({e})") from None
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None].float() / 255
+
+
+def mask_from_pil(im):
+    """Binary mask [H, W] (numpy bool). Without transparency, any non-zero pixel is masked (the official
+    rule; grayscale, 16-bit and float modes read directly, colour: any channel). A file with
+    transparency follows ComfyUI's LoadImage (MASK = 1 − alpha): transparent or partly transparent
+    pixels are masked, so masks painted in ComfyUI's mask editor work unchanged."""
+    import numpy as np
+    alpha = alpha_channel(im)
+    if alpha is not None and (alpha < 255).any():
+        return alpha < 255
+    if im.mode in ("1", "L", "I", "I;16", "I;16B", "I;16L", "F"):
+        return np.asarray(im) > 0
+    return np.asarray(im.convert("RGB")).max(-1) > 0
+
+
+def alpha_channel(im):
+    """The 8-bit alpha channel of a PIL image as numpy, or None without transparency."""
+    import numpy as np
+    if "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info):
+        return np.asarray(im.convert("RGBA").getchannel("A"))
+    return None
+
+
+def transparent_region(path):
+    """Pixels of an image file that are not fully opaque (numpy bool [H, W]), or None if all are."""
+    from PIL import Image, ImageOps
+    with Image.open(path) as im:
+        alpha = alpha_channel(ImageOps.exif_transpose(im))
+    return None if alpha is None or not (alpha < 255).any() else alpha < 255
+
+
+def load_mask(path: str | Path, size_hw: tuple[int, int], invert: bool = False):
+    """Mask file → [1, H, W] float 0/1 at the image size (nearest resampling, as the official code)."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            m = mask_from_pil(im)
+    except FileNotFoundError:
+        raise CLIError(f"{path}: mask file not found") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise CLIError(f"{path}: not a readable image ({e})") from None
+    h, w = size_hw
+    if m.shape != (h, w):
+        mh, mw = m.shape
+        if abs(mh / mw - h / w) > 0.02:
+            log.warning("mask %s is %dx%d but the image is %dx%d (another aspect ratio): stretched",
+                        path, mw, mh, w, h)
+        else:
+            log.info("mask %s resized from %dx%d to the image's %dx%d (nearest)", path, mw, mh, w, h)
+        m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
+    if invert:
+        m = ~m
+    return torch.from_numpy(m.astype(np.float32))[None]
+
+
+def to_pil(t):
+    """[3, H, W] 0..1 → PIL RGB."""
+    from PIL import Image
+    arr = (t.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+    return Image.fromarray(arr)
+
+
+def score_token(score: float | None) -> str:
+    """The official ranked file-name prefix: the distance with 4 decimals, dot removed (sorts best first)."""
+    return "none" if score is None or score != score else f"{score:.4f}".replace(".", "")
+
+
+def contact_sheet(tiles: list, path: Path, tile: int = 256, cols: int | None = None, title: str = ""):
+    """Grid of (PIL image, caption) tiles, each fitted in tile×tile with its caption below."""
+    from PIL import Image, ImageDraw, ImageFont
+    n = len(tiles)
+    cols = cols or max(1, min(n, math.ceil(math.sqrt(n))))
+    rows = math.ceil(n / cols)
+    try:
+        font = ImageFont.load_default(size=14)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    cap, pad, head = 22, 6, (26 if title else 0)
+    sheet = Image.new("RGB", (cols * (tile + pad) + pad, head + rows * (tile + cap + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((pad, 6), title[:200], fill="black", font=font)
+    for k, (im, caption) in enumerate(tiles):
+        r, c = divmod(k, cols)
+        x0, y0 = pad + c * (tile + pad), head + pad + r * (tile + cap + pad)
+        thumb = im.copy()
+        thumb.thumbnail((tile, tile), Image.LANCZOS)
+        sheet.paste(thumb, (x0 + (tile - thumb.width) // 2, y0 + (tile - thumb.height) // 2))
+        draw.text((x0 + 2, y0 + tile + 3), caption, fill="black", font=font)
+    sheet.save(path)
+    return sheet
+
+
+def mask_overlay(image, mask):
+    """The source with the edited region tinted red (for the contact sheet)."""
+    import torch
+    red = torch.tensor([1.0, 0.1, 0.1]).view(3, 1, 1)
+    m = mask[0][None]
+    return to_pil(image[0] * (1 - 0.5 * m) + red * 0.5 * m)
+
+
+def write_json(path: Path, data: dict):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+class StepBar:
+    """tqdm over all sampling steps, fed by the engine's per-step callback."""
+
+    def __init__(self, total: int | None, desc: str):
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+        self.frames: list | None = None
+
+    def __call__(self, step: int, total: int, x0):
+        self.bar.update(1)
+        if self.bar.total is not None and self.bar.n > self.bar.total:
+            self.bar.total = self.bar.n
+        if self.frames is not None:
+            self.frames.append(((x0.detach().float().cpu() + 1) / 2).clamp(0, 1))
+
+    def close(self):
+        self.bar.close()
+
+
+def load_models(args, *, need_ddpm: bool, need_clip: bool, respacing: str | None = None):
+    """(ddpm or None, clip or None, device, precision), with a progress bar."""
+    from tqdm.auto import tqdm
+
+    from .models import load_clip, load_ddpm
+    device = resolve_device(args.device, getattr(args, "gpu_id", 0))
+    precision = resolve_precision(args.precision, device)
+    ddpm_file = clip_file = None
+    if need_ddpm:
+        key = "ddpm_512" if getattr(args, "model_output_size", 256) == 512 else "ddpm_256"
+        ddpm_file = weight_path(args.model, key, args.offline)
+    if need_clip:
+        clip_file = weight_path(args.clip, "clip", args.offline)
+    ddpm = clip = None
+    with tqdm(total=int(need_ddpm) + int(need_clip), desc="loading models", unit="model", file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        if need_ddpm:
+            bar.set_postfix_str(ddpm_file.name)
+            ddpm = load_ddpm(str(ddpm_file), respacing=respacing, precision=precision, device=device)
+            bar.update()
+        if need_clip:
+            bar.set_postfix_str(clip_file.name)
+            clip = load_clip(str(clip_file), device=device, precision=precision)
+            bar.update()
+    if need_ddpm and getattr(args, "model", None) and ddpm.image_size != args.model_output_size \
+            and args.model_output_size != 256:
+        log.warning("--model_output_size %d ignored: %s is a %dx%d model", args.model_output_size,
+                    ddpm_file, ddpm.image_size, ddpm.image_size)
+    return ddpm, clip, device, precision, ddpm_file, clip_file
+
+
+# --- edit ---------------------------------------------------------------------------------------
+def cmd_edit(args) -> int:
+    import torch
+
+    from .models import AugmentSettings, Guide, edit
+
+    if args.init_image is None:
+        if args.mask is not None:
+            raise CLIError("--mask given without -i/--init_image: give the image the mask belongs to")
+        image_path, mask_path, example_prompt = find_example()
+        args.init_image, args.mask = str(image_path), (str(mask_path) if mask_path else None)
+        if args.prompt is None:
+            args.prompt = example_prompt
+        log.info("no -i/--mask: editing the bundled example %s with the prompt %r", image_path.name, args.prompt)
+    if args.prompt is None:
+        raise CLIError("-p/--prompt is required with -i (use -p \"\" to fill the region without text "
+                       "guidance)")
+    for name in ("batch_size", "iterations_num", "aug_num"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name} = {getattr(args, name)}: it must be at least 1")
+    if args.skip_timesteps < 0:
+        raise CLIError(f"--skip_timesteps = {args.skip_timesteps}: it must be >= 0")
+    steps = count_steps(args.timestep_respacing)
+    if args.skip_timesteps >= steps:
+        raise CLIError(f"--skip_timesteps {args.skip_timesteps} with --timestep_respacing "
+                       f"{args.timestep_respacing} ({steps} steps) leaves nothing to do: use fewer than "
+                       f"{steps} skipped steps")
+    suffix = Path(args.output_file).suffix.lower() or ".png"
+    stem = Path(args.output_file).stem
+    if Path(args.output_file).name != args.output_file:
+        raise CLIError(f"-o/--output_file {args.output_file!r} must be a file name; use --output_path for "
+                       "the folder")
+
+    image = load_image(args.init_image)
+    h, w = image.shape[-2:]
+    if args.mask is not None:
+        mask = load_mask(args.mask, (h, w), args.invert_mask)
+        if not (mask > 0).any():
+            raise CLIError(f"the mask {args.mask} selects no pixel"
+                           + (" after --invert_mask" if args.invert_mask else "")
+                           + ": paint the region to edit in white (any non-zero value) on black")
+        mask_source = "mask file"
+    elif (own := transparent_region(args.init_image)) is not None:
+        log.info("no --mask: editing the transparent pixels of %s (ComfyUI's convention)", args.init_image)
+        mask = torch.from_numpy((~own if args.invert_mask else own).astype("float32"))[None]
+        mask_source = "transparency of the image"
+    else:
+        if args.invert_mask:
+            log.warning("--invert_mask without --mask: the whole image is edited")
+        mask = torch.ones(1, h, w)
+        mask_source = "whole image"
+
+    prompt = args.prompt
+    need_clip = bool(prompt.strip())
+    if not need_clip:
+        log.info("empty prompt: no CLIP guidance (the region is filled from the surroundings), no ranking")
+    ddpm, clip, device, precision, ddpm_file, clip_file = load_models(
+        args, need_ddpm=True, need_clip=need_clip, respacing=args.timestep_respacing)
+
+    local = args.local_clip_guided_diffusion
+    bg_loss = args.background_preservation_loss
+    guide = Guide(clip=clip, prompt=prompt, clip_lambda=args.clip_guidance_lambda,
+                  range_lambda=args.range_lambda, augment=AugmentSettings(num_views=args.aug_num),
+                  lpips_lambda=args.lpips_sim_lambda if bg_loss else 0.0,
+                  l2_lambda=args.l2_sim_lambda if bg_loss else 0.0, fast=args.fast)
+    enforce = args.enforce_background and not local  # the official code never pastes in Algorithm 1
+
+    out_dir = Path(args.output_path)
+    ranked_dir = out_dir / "ranked"
+    ranked_dir.mkdir(parents=True, exist_ok=True)
+    assets_dir = out_dir / "assets"
+    if args.export_assets:
+        assets_dir.mkdir(exist_ok=True)
+        to_pil(image[0]).save(assets_dir / f"{stem}{suffix}")
+        to_pil(mask.expand(3, -1, -1)).save(assets_dir / f"{stem}_mask{suffix}")
+    stale = [p for p in ranked_dir.glob(f"*_{stem}_i_*_b_*{suffix}")]
+    if stale:
+        log.warning("%s already holds %d ranked result(s) named *_%s_i_*: they are kept; %s lists this "
+                    "run's files", ranked_dir, len(stale), stem, out_dir / f"{stem}.json")
+
+    k = ddpm.num_steps - args.skip_timesteps
+    algorithm = ("Algorithm 1 (local CLIP-guided diffusion)" if local else
+                 "Algorithm 3 (DDIM)" if args.ddim else "Algorithm 2 (DDPM)")
+    params = {k_: v for k_, v in vars(args).items() if k_ not in ("func",)}
+    record = {
+        "command": "edit", "argv": sys.argv[1:], "parameters": params,
+        "resolved": {"init_image": str(Path(args.init_image).resolve()),
+                     "mask": str(Path(args.mask).resolve()) if args.mask else None, "mask_source": mask_source,
+                     "model": str(ddpm_file), "clip": str(clip_file) if clip_file else None,
+                     "device": str(device), "precision": precision, "algorithm": algorithm,
+                     "blend": not local, "enforce_background": enforce,
+                     "model_image_size": ddpm.image_size, "respaced_steps": ddpm.num_steps,
+                     "denoising_steps": k, "image_size": [w, h],
+                     "score": "D_CLIP of the result inside the mask (lower is better)"},
+        "seeding": "iteration i uses seed + i; result b of an iteration uses the engine's generator "
+                   "(seed + i, b), so `--seed S+i --iterations_num 1 --batch_size B` reproduces iteration i",
+        "results": [], "interrupted": False, "finished_iterations": 0,
+    }
+    json_path = out_dir / f"{stem}.json"
+    sheet_path = out_dir / f"{stem}_sheet.png"
+    results: list[dict] = []
+    pil_results: dict[str, object] = {}
+    t0 = time.time()
+
+    def finalize():
+        order = sorted(range(len(results)), key=lambda j: (results[j]["score"] is None,
+                                                           results[j]["score"] or 0.0, j))
+        for rank_, j in enumerate(order, 1):
+            results[j]["rank"] = rank_
+        record["results"] = [results[j] for j in order]
+        record["elapsed_s"] = round(time.time() - t0, 2)
+        write_json(json_path, record)
+        tiles = [(to_pil(image[0]), "source"), (mask_overlay(image, mask), "mask")]
+        for j in order:
+            r = results[j]
+            s = "" if r["score"] is None else f"  {r['score']:.4f}"
+            tiles.append((pil_results[r["file"]], f"#{r['rank']}{s}  i{r['iteration']} b{r['batch_index']}"))
+        contact_sheet(tiles, sheet_path, title=f"{prompt!r}  ({algorithm}, seed {args.seed})")
+        return order
+
+    bar = StepBar(args.iterations_num * k, "sampling")
+    if args.save_video:
+        bar.frames = []
+    interrupted = False
+    try:
+        for it in range(args.iterations_num):
+            seed = args.seed + it
+            if bar.frames is not None:
+                bar.frames = []
+            try:
+                out = edit(ddpm, image, mask, guide, skip_timesteps=args.skip_timesteps, seed=seed,
+                           batch_size=args.batch_size, ddim=args.ddim, blend=not local,
+                           enforce_background=enforce, max_batch=args.batch_size, callback=bar)
+            except KeyboardInterrupt:
+                interrupted = True
+                break
+            scores = None
+            if need_clip:
+                from .models.apps import clip_scores
+                scores = clip_scores(clip, out, mask, prompt).tolist()
+            for b in range(out.shape[0]):
+                name = f"{stem}_i_{it}_b_{b}{suffix}"
+                score = None if scores is None else float(scores[b])
+                pil = to_pil(out[b])
+                pil.save(out_dir / name)
+                ranked_name = f"{score_token(score)}_{name}"
+                pil.save(ranked_dir / ranked_name)
+                if args.export_assets:
+                    pil.save(assets_dir / name)
+                if args.save_video and bar.frames:
+                    frames = [to_pil(f[b]) for f in bar.frames]
+                    frames[0].save(out_dir / f"{stem}_i_{it}_b_{b}.gif", save_all=True,
+                                   append_images=frames[1:], duration=80, loop=0)
+                pil_results[name] = pil
+                results.append({"iteration": it, "batch_index": b, "seed": seed, "result_index": b,
+                                "score": score, "file": name, "ranked_file": f"ranked/{ranked_name}",
+                                "size": [pil.width, pil.height]})
+            record["finished_iterations"] = it + 1
+            finalize()  # everything finished so far is on disk with its JSON and sheet
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    if interrupted:
+        record["interrupted"] = True
+        log.warning("interrupted: keeping the %d finished result(s) of %d iteration(s)",
+                    len(results), record["finished_iterations"])
+    order = finalize()
+    if results:
+        best = results[order[0]]
+        summary.info("%d result(s) in %s (ranked best first in %s), contact sheet %s, parameters %s",
+                     len(results), out_dir, ranked_dir, sheet_path, json_path)
+        summary.info("best: %s%s", out_dir / best["ranked_file"],
+                     "" if best["score"] is None else f" (D_CLIP {best['score']:.4f})")
+    else:
+        summary.info("no finished result; parameters in %s", json_path)
+    return 130 if interrupted else 0
+
+
+# --- extrapolate --------------------------------------------------------------------------------
+def cmd_extrapolate(args) -> int:
+    from .models.apps import extrapolate
+
+    if args.init_image is None:
+        image_path, _, example_prompt = find_example()
+        args.init_image = str(image_path)
+        if args.prompt is None:
+            args.prompt = example_prompt
+    prompts = {}
+    for d in ("left", "right", "up", "down"):
+        v = getattr(args, d)
+        if v is None:
+            continue
+        if v is True:
+            if args.prompt is None:
+                raise CLIError(f"--{d} without a prompt needs -p PROMPT (or write --{d} 'PROMPT')")
+            v = args.prompt
+        prompts[d] = v
+    if not prompts:
+        raise CLIError("name at least one side to extend: --left/--right/--up/--down PROMPT")
+    if args.aug_num < 1:
+        raise CLIError(f"--aug_num = {args.aug_num}: it must be at least 1")
+    if Path(args.output_file).name != args.output_file:
+        raise CLIError(f"-o/--output_file {args.output_file!r} must be a file name; use --output_path")
+    count_steps(args.timestep_respacing)
+    image = load_image(args.init_image)
+    need_clip = any(p.strip() for p in prompts.values())
+    ddpm, clip, device, precision, ddpm_file, clip_file = load_models(
+        args, need_ddpm=True, need_clip=need_clip, respacing=args.timestep_respacing)
+    bar = StepBar(None, "extrapolating")
+    t0 = time.time()
+    try:
+        out = extrapolate(ddpm, clip, image, prompts, args.amount, k_min=args.k_min, k_max=args.k_max,
+                          final_k=args.final_k, seed=args.seed, clip_lambda=args.clip_guidance_lambda,
+                          range_lambda=args.range_lambda, num_views=args.aug_num, ddim=args.ddim,
+                          callback=bar)
+    except KeyboardInterrupt:
+        bar.close()
+        log.warning("interrupted: nothing saved")
+        return 130
+    bar.close()
+    out_dir = Path(args.output_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_path = out_dir / args.output_file
+    pil = to_pil(out[0])
+    pil.save(out_path)
+    json_path = out_path.with_suffix(".json")
+    write_json(json_path, {
+        "command": "extrapolate", "argv": sys.argv[1:],
+        "parameters": {k: v for k, v in vars(args).items() if k != "func"},
+        "resolved": {"init_image": str(Path(args.init_image).resolve()), "prompts": prompts,
+                     "model": str(ddpm_file), "clip": str(clip_file) if clip_file else None,
+                     "device": str(device), "precision": precision, "respaced_steps": ddpm.num_steps},
+        "input_size": [image.shape[-1], image.shape[-2]], "output_size": [pil.width, pil.height],
+        "output": out_path.name, "elapsed_s": round(time.time() - t0, 2)})
+    summary.info("extended %dx%d to %dx%d: %s (parameters %s)", image.shape[-1], image.shape[-2],
+                 pil.width, pil.height, out_path, json_path)
+    return 0
+
+
+# --- rank ---------------------------------------------------------------------------------------
+def collect_images(items: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for it in items:
+        p = Path(it).expanduser()
+        if p.is_dir():
+            files += sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_EXTS)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise CLIError(f"{it}: no such file or folder")
+    if not files:
+        raise CLIError(f"no images ({', '.join(IMAGE_EXTS)}) in {', '.join(items)}")
+    return files
+
+
+def cmd_rank(args) -> int:
+    import torch
+
+    from .models.apps import clip_scores
+
+    if not args.prompt.strip():
+        raise CLIError("-p/--prompt is empty: ranking needs the text the images should match")
+    files = collect_images(args.images)
+    _, clip, device, precision, _, clip_file = load_models(args, need_ddpm=False, need_clip=True)
+    from tqdm.auto import tqdm
+    scores: list[float] = []
+    for f in tqdm(files, desc="scoring", unit="image", file=sys.stderr, dynamic_ncols=True):
+        img = load_image(f)
+        mask = load_mask(args.mask, tuple(img.shape[-2:]), args.invert_mask) if args.mask else None
+        if mask is not None and not (mask > 0).any():
+            raise CLIError(f"the mask {args.mask} selects no pixel of {f.name}")
+        with torch.no_grad():
+            scores.append(float(clip_scores(clip, img, mask, args.prompt)[0]))
+    order = sorted(range(len(files)), key=lambda j: (scores[j], j))
+    out_dir = Path(args.output_path)
+    ranked_dir = out_dir / "ranked"
+    ranked_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for rank_, j in enumerate(order, 1):
+        copied = None
+        if not args.top_k or rank_ <= args.top_k:
+            copied = ranked_dir / f"{score_token(scores[j])}_{files[j].name}"
+            shutil.copy2(files[j], copied)
+        entries.append({"rank": rank_, "score": scores[j], "source": str(files[j].resolve()),
+                        "file": None if copied is None else f"ranked/{copied.name}"})
+    json_path = out_dir / "rank.json"
+    write_json(json_path, {"command": "rank", "argv": sys.argv[1:],
+                           "parameters": {k: v for k, v in vars(args).items() if k != "func"},
+                           "resolved": {"clip": str(clip_file), "device": str(device), "precision": precision,
+                                        "score": "D_CLIP inside the mask (lower is better)"},
+                           "results": entries})
+    summary.info("ranked %d image(s) in %s (JSON %s); best: %s (D_CLIP %.4f)", len(files), ranked_dir,
+                 json_path, files[order[0]], scores[order[0]])
+    return 0
+
+
+# --- run ----------------------------------------------------------------------------------------
+def parse_override(text: str) -> tuple[str, str, object]:
+    """'3.seed=5' → ('3', 'seed', 5); values are JSON when they parse, else strings."""
+    key, sep, value = text.partition("=")
+    node, dot, name = key.strip().partition(".")
+    if not sep or not dot or not node or not name:
+        raise CLIError(f"--set {text!r}: write NODE_ID.INPUT=VALUE, e.g. --set 3.seed=5")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return node, name.strip(), parsed
+
+
+def find_workflow(name: str) -> Path:
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p
+    api = PACK_ROOT / "workflows" / "api"
+    for cand in (api / name, api / f"{name}.json"):
+        if cand.is_file():
+            return cand
+    known = sorted(q.stem for q in api.glob("*.json")) if api.is_dir() else []
+    raise CLIError(f"workflow {name!r} not found (neither a file nor one of workflows/api: "
+                   f"{', '.join(known) or 'none'})")
+
+
+def parse_overrides(workflow: dict, overrides: list[str]) -> dict:
+    """--set texts → {node_id: {input: value}}, checked against the workflow."""
+    out: dict[str, dict] = {}
+    for text in overrides:
+        node, name, value = parse_override(text)
+        if node not in workflow:
+            known = ", ".join(f"{k} ({v['class_type']})" for k, v in workflow.items())
+            raise CLIError(f"--set {text!r}: the workflow has no node {node!r}; its nodes: {known}")
+        inputs = workflow[node].get("inputs", {})
+        if isinstance(inputs.get(name), list):
+            raise CLIError(f"--set {text!r}: input {name!r} of node {node} ({workflow[node]['class_type']}) "
+                           "is a link from another node, not a value")
+        if name not in inputs:
+            declared = _declared_inputs(workflow[node]["class_type"])
+            if declared is not None and name not in declared:
+                raise CLIError(f"--set {text!r}: node {node} ({workflow[node]['class_type']}) has no input "
+                               f"{name!r}; its inputs: {', '.join(declared)}")
+            log.warning("--set %s: input %r is not in the workflow's node %s; added", text, name, node)
+        out.setdefault(node, {})[name] = value
+    return out
+
+
+def _declared_inputs(class_type: str) -> list[str] | None:
+    """Inputs a pack node declares (required + optional), or None for other nodes."""
+    from .nodes import NODE_CLASS_MAPPINGS
+    cls = NODE_CLASS_MAPPINGS.get(class_type)
+    if cls is None:
+        return None
+    types = cls.INPUT_TYPES()
+    return [*types.get("required", {}), *types.get("optional", {})]
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None):
+    import os
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+def cmd_run(args) -> int:
+    api = PACK_ROOT / "workflows" / "api"
+    if args.list:
+        for q in sorted(api.glob("*.json")):
+            summary.info("%s", q.stem)
+        return 0
+    path = find_workflow(args.workflow)
+    try:
+        workflow = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CLIError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(workflow, dict) or not all(isinstance(v, dict) and "class_type" in v
+                                                 for v in workflow.values()):
+        raise CLIError(f"{path}: not an API-format workflow (a dict of node id → {{class_type, inputs}}); "
+                       "in ComfyUI use 'Export (API)' to save one")
+    workflow = {str(k): v for k, v in workflow.items()}
+    overrides = parse_overrides(workflow, args.overrides)
+    if args.input_dir is not None and not Path(args.input_dir).is_dir():
+        raise CLIError(f"--input_dir {args.input_dir}: no such folder")
+    from .models.weights import ENV_MODELS_DIR
+    from .nodes import runner
+    out_dir = Path(args.output_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    try:
+        with _env(ENV_MODELS_DIR, str(Path(args.models_dir).expanduser().resolve()) if args.models_dir else None):
+            result = runner.run_workflow(workflow, input_dir=args.input_dir, output_dir=str(out_dir),
+                                         overrides=overrides)
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        return 130
+    except FileNotFoundError as e:
+        raise CLIError(str(e)) from None
+    files = [Path(f) for f in result.files]
+    texts = {nid: ui.get("text") for nid, ui in result.ui.items() if ui.get("text")}
+    for nid, text in texts.items():
+        for t in text:
+            summary.info("node %s: %s", nid, t)
+    json_path = out_dir / f"{path.stem}.run.json"
+    write_json(json_path, {
+        "command": "run", "argv": sys.argv[1:], "workflow": str(path.resolve()), "overrides": overrides,
+        "prompt": {k: v for k, v in workflow.items()}, "applied": _applied(workflow, overrides),
+        "outputs": [str(f) for f in files], "node_text": texts, "elapsed_s": round(time.time() - t0, 2)})
+    summary.info("ran %s: %d file(s) saved in %s (record %s)", path.name, len(files), out_dir, json_path)
+    return 0
+
+
+def _applied(workflow: dict, overrides: dict) -> dict:
+    """The workflow's inputs after the overrides (what actually ran)."""
+    return {nid: {**node.get("inputs", {}), **overrides.get(nid, {})} for nid, node in workflow.items()}
+
+
+# --- weights ------------------------------------------------------------------------------------
+def cmd_weights(args) -> int:
+    from .models import weights as W
+    keys = ["ddpm_256", "clip"] + (["ddpm_512"] if args.include_512 else [])
+    missing = 0
+    for key in keys:
+        wf = W.DEFAULT_WEIGHTS[key]
+        found = W.find(wf)
+        dirs = W.search_dirs(wf.folder)
+        if found is None and args.download:
+            found = W.ensure(wf)
+        if found is None:
+            missing += 1
+        summary.info("%-28s %s", wf.name, found if found else
+                     f"MISSING: download {wf.url} into {dirs[0]}")
+        summary.info("%-28s looked in: %s", "", ", ".join(str(d) for d in dirs))
+    return 1 if missing else 0
+
+
+COMMANDS = {"edit": cmd_edit, "extrapolate": cmd_extrapolate, "rank": cmd_rank, "run": cmd_run,
+            "weights": cmd_weights}
+
+
+@contextlib.contextmanager
+def _logging(verbose: bool, quiet: bool):
+    root = logging.getLogger("blended_diffusion")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
+    out = logging.StreamHandler(sys.stdout)
+    out.setFormatter(logging.Formatter("%(message)s"))
+    old = root.level, root.propagate, summary.level, summary.propagate
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    root.addHandler(handler)
+    root.propagate = False
+    summary.setLevel(logging.INFO)
+    summary.addHandler(out)
+    summary.propagate = False
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+        with logging_redirect_tqdm(loggers=[root, summary]):
+            yield
+    finally:
+        root.removeHandler(handler)
+        summary.removeHandler(out)
+        root.level, root.propagate, summary.level, summary.propagate = old
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = _implicit_edit(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from .models.checkpoint import CheckpointError
+    from .models.weights import WeightsError
+    with _logging(args.verbose, args.quiet):
+        try:
+            return COMMANDS[args.command](args)
+        except (CLIError, WeightsError, CheckpointError, ValueError) as e:
+            if args.verbose:
+                log.exception("error")
+            log.error("error: %s", e)
+            return 1
+        except KeyboardInterrupt:
+            log.warning("interrupted")
+            return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

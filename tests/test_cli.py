@@ -1,0 +1,405 @@
+"""The command line: official flags and defaults, and every subcommand end to end on tiny checkpoints."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tiny
+from blended_diffusion import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--timestep_respacing", "10", "--skip_timesteps", "8", "--aug_num", "2"]  # 2 steps
+ONE_STEP = ["--timestep_respacing", "10", "--skip_timesteps", "9", "--aug_num", "2"]
+
+# (flag, attribute, official default) for every flag of the official main.py
+OFFICIAL_DEFAULTS = [
+    ("--skip_timesteps", "skip_timesteps", 25), ("--timestep_respacing", "timestep_respacing", "100"),
+    ("--model_output_size", "model_output_size", 256), ("--ddim", "ddim", False),
+    ("--local_clip_guided_diffusion", "local_clip_guided_diffusion", False),
+    ("--clip_guidance_lambda", "clip_guidance_lambda", 1000), ("--range_lambda", "range_lambda", 50),
+    ("--lpips_sim_lambda", "lpips_sim_lambda", 1000), ("--l2_sim_lambda", "l2_sim_lambda", 10000),
+    ("--background_preservation_loss", "background_preservation_loss", False),
+    ("--invert_mask", "invert_mask", False), ("--no_enforce_background", "enforce_background", True),
+    ("--aug_num", "aug_num", 8), ("--seed", "seed", 404), ("--batch_size", "batch_size", 4),
+    ("--iterations_num", "iterations_num", 8), ("--output_path", "output_path", "output"),
+    ("--output_file", "output_file", "output.png"), ("--mask", "mask", None), ("--gpu_id", "gpu_id", 0),
+    ("--vid", "save_video", False), ("--export_assets", "export_assets", False),
+]
+
+
+@pytest.fixture(scope="module")
+def small_unet(tmp_path_factory):
+    """A 64x64 unconditional guided-diffusion checkpoint (cheaper than the 256 one)."""
+    cfg = {k: v for k, v in tiny.UNET_64_CLASSES.items() if k != "num_classes"}
+    return tiny.save_unet(tmp_path_factory.mktemp("small") / "64x64_uncond.pt", cfg)
+
+
+@pytest.fixture
+def photo(tmp_path):
+    """An 8-bit 72x96 image and a mask file (grayscale, non-zero = edit)."""
+    g = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:72, 0:96]
+    arr = np.stack([xx * 2, yy * 3, (xx + yy)], -1) + g.integers(0, 30, (72, 96, 3))
+    img = tmp_path / "photo.png"
+    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(img)
+    m = np.zeros((72, 96), np.uint8)
+    m[20:50, 30:70] = 1  # a dark but non-zero value counts as masked (official rule)
+    mask = tmp_path / "mask.png"
+    Image.fromarray(m).save(mask)
+    return img, mask
+
+
+def run_cli(argv, capsys=None):
+    rc = cli.main([str(a) for a in argv])
+    return rc, (capsys.readouterr() if capsys else None)
+
+
+# --- parsing ------------------------------------------------------------------------------------
+def test_every_official_flag_has_the_official_default():
+    args = cli.build_parser().parse_args(["edit", "-p", "a cat", "-i", "img.png"])
+    assert args.prompt == "a cat" and args.init_image == "img.png"
+    for flag, attr, default in OFFICIAL_DEFAULTS:
+        assert getattr(args, attr) == default, flag
+        assert type(getattr(args, attr)) is type(default), flag
+
+
+def test_every_official_flag_parses_and_sets_its_value():
+    argv = ["-p", "a dog", "-i", "in.png", "--mask", "m.png", "--skip_timesteps", "40",
+            "--timestep_respacing", "ddim50", "--model_output_size", "512", "--ddim",
+            "--local_clip_guided_diffusion", "--clip_guidance_lambda", "500", "--range_lambda", "10",
+            "--lpips_sim_lambda", "3", "--l2_sim_lambda", "4", "--background_preservation_loss",
+            "--invert_mask", "--no_enforce_background", "--aug_num", "16", "--seed", "7",
+            "--batch_size", "2", "--iterations_num", "3", "--output_path", "outdir", "-o", "x.png",
+            "--gpu_id", "1", "--vid", "--export_assets"]
+    parser = cli.build_parser()
+    for full in (["edit", *argv], cli._implicit_edit(argv)):  # pasted after `edit`, or alone
+        a = parser.parse_args(full)
+        assert (a.command, a.prompt, a.init_image, a.mask) == ("edit", "a dog", "in.png", "m.png")
+        assert (a.skip_timesteps, a.timestep_respacing, a.model_output_size) == (40, "ddim50", 512)
+        assert a.ddim and a.local_clip_guided_diffusion and a.background_preservation_loss and a.invert_mask
+        assert not a.enforce_background and a.save_video and a.export_assets
+        assert (a.clip_guidance_lambda, a.range_lambda, a.lpips_sim_lambda, a.l2_sim_lambda) == (500, 10, 3, 4)
+        assert (a.aug_num, a.seed, a.batch_size, a.iterations_num, a.gpu_id) == (16, 7, 2, 3, 1)
+        assert (a.output_path, a.output_file) == ("outdir", "x.png")
+    long = parser.parse_args(["edit", "--prompt", "p", "--init_image", "i", "--output_file", "y.png"])
+    assert (long.prompt, long.init_image, long.output_file) == ("p", "i", "y.png")
+    extra = parser.parse_args(["edit", "--model", "m.pt", "--clip", "c.pt", "--device", "cpu",
+                               "--precision", "bf16", "--fast"])
+    assert (extra.model, extra.clip, extra.device, extra.precision, extra.fast) == ("m.pt", "c.pt", "cpu", "bf16", True)
+
+
+def test_python_m_and_no_comfyui_import(tmp_path, ckpt_dir):
+    """`python -m blended_diffusion` works when the pack is importable as a package, and the CLI
+    never imports ComfyUI (run in a fresh interpreter)."""
+    (tmp_path / "blended_diffusion").symlink_to(ROOT, target_is_directory=True)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "BLENDED_DIFFUSION_MODELS": str(tmp_path / "none")}
+    helped = subprocess.run([sys.executable, "-m", "blended_diffusion", "edit", "--help"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0, helped.stderr
+    for flag, _, _ in OFFICIAL_DEFAULTS:
+        assert flag in helped.stdout
+    code = ("import sys, runpy\n"
+            f"sys.argv = ['blended_diffusion', 'rank', {str(ROOT / 'examples')!r}, '-p', 'grass', "
+            f"'--clip', {str(ckpt_dir / 'ViT-B-16.pt')!r}, '--output_path', {str(tmp_path / 'out')!r}]\n"
+            "try:\n    runpy.run_module('blended_diffusion', run_name='__main__')\n"
+            "except SystemExit as e:\n    rc = e.code\n"
+            "host = [m for m in sys.modules if m.split('.')[0] in "
+            "('comfy', 'comfy_api', 'comfy_execution', 'folder_paths', 'server', 'execution', 'nodes')]\n"
+            "print('RC', rc, 'HOST', host)\n")
+    ran = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert "RC 0 HOST []" in ran.stdout, ran.stdout + ran.stderr
+    assert (tmp_path / "out" / "rank.json").is_file()
+
+
+# --- edit ---------------------------------------------------------------------------------------
+def test_edit_bundled_example_end_to_end(tmp_path, ckpt_dir, capsys):
+    """No -i/--mask: the bundled example, with the default-named 256 checkpoint given by path."""
+    out = tmp_path / "out"
+    rc, cap = run_cli(["edit", "--model", ckpt_dir / "256x256_diffusion_uncond.pt",
+                       "--clip", ckpt_dir / "ViT-B-16.pt", *ONE_STEP, "--batch_size", 1, "--iterations_num", 2,
+                       "--output_path", out], capsys)
+    assert rc == 0, cap.err
+    rec = json.loads((out / "output.json").read_text())
+    example, example_mask, prompt = cli.find_example()
+    src = np.asarray(Image.open(example).convert("RGB"))
+    masked = cli.load_mask(example_mask, src.shape[:2])[0].numpy() > 0
+
+    # every parameter, the seeds and the scores are recorded
+    for _, attr, _ in OFFICIAL_DEFAULTS:
+        assert attr in rec["parameters"]
+    assert rec["parameters"]["prompt"] == prompt and rec["resolved"]["denoising_steps"] == 1
+    assert rec["resolved"]["algorithm"].startswith("Algorithm 2") and not rec["interrupted"]
+    res = rec["results"]
+    assert [r["rank"] for r in res] == [1, 2]
+    assert sorted((r["iteration"], r["seed"]) for r in res) == [(0, 404), (1, 405)]
+    scores = [r["score"] for r in res]
+    assert scores == sorted(scores) and all(0 <= s <= 5 for s in scores)
+
+    # results at the source's size; background exactly the source; ranked copies named by score
+    ranked = sorted(p.name for p in (out / "ranked").iterdir())
+    names = [Path(r["ranked_file"]).name for r in res]
+    assert ranked == sorted(names) and [n[:5] for n in names] == sorted(n[:5] for n in names)  # name order = rank
+    for r in res:
+        assert Path(r["ranked_file"]).name == f"{r['score']:.4f}".replace(".", "") + "_" + r["file"]
+        a = np.asarray(Image.open(out / r["file"]))
+        assert a.shape == src.shape and r["size"] == [src.shape[1], src.shape[0]]
+        assert np.array_equal(a[~masked], src[~masked])
+        assert not np.array_equal(a[masked], src[masked])
+        assert np.array_equal(a, np.asarray(Image.open(out / r["ranked_file"])))
+    # the score is D_CLIP inside the mask: recomputing it from the saved file agrees
+    from blended_diffusion.models import load_clip
+    from blended_diffusion.models.apps import clip_scores
+    again = clip_scores(load_clip(str(ckpt_dir / "ViT-B-16.pt")), cli.load_image(out / res[0]["file"]),
+                        torch.from_numpy(masked.astype(np.float32))[None], prompt)
+    assert abs(float(again[0]) - res[0]["score"]) < 2e-3
+
+    sheet = Image.open(out / "output_sheet.png")  # source + mask + 2 results: 2x2 tiles
+    assert sheet.size == (2 * (256 + 6) + 6, 26 + 2 * (256 + 22 + 6) + 6)
+    assert "best:" in cap.out and str(out / res[0]["ranked_file"]) in cap.out
+
+
+def test_edit_alg1_ddim_flags_and_assets(tmp_path, small_unet, ckpt_dir, photo):
+    img, mask = photo
+    out = tmp_path / "o"
+    rc = cli.main(["edit", "-p", "a red square", "-i", str(img), "--mask", str(mask), "--invert_mask",
+                   "--local_clip_guided_diffusion", "--background_preservation_loss", "--ddim", "--vid",
+                   "--export_assets", "--model", str(small_unet), "--clip", str(ckpt_dir / "clip_sd.pt"),
+                   *FAST, "--batch_size", "2", "--iterations_num", "1", "--seed", "9", "-o", "res.png",
+                   "--output_path", str(out), "--device", "cpu", "--precision", "fp32"])
+    assert rc == 0
+    rec = json.loads((out / "res.json").read_text())
+    r = rec["resolved"]
+    assert r["algorithm"].startswith("Algorithm 1") and r["blend"] is False
+    assert r["enforce_background"] is False and r["model_image_size"] == 64
+    assert rec["parameters"]["ddim"] and rec["parameters"]["background_preservation_loss"]
+    assert sorted((x["seed"], x["batch_index"]) for x in rec["results"]) == [(9, 0), (9, 1)]
+    for b in (0, 1):
+        assert Image.open(out / f"res_i_0_b_{b}.png").size == (96, 72)
+        gif = Image.open(out / f"res_i_0_b_{b}.gif")
+        assert gif.n_frames == 2  # one x̂0 frame per denoising step
+        assert (out / "assets" / f"res_i_0_b_{b}.png").is_file()
+    exported = np.asarray(Image.open(out / "assets" / "res_mask.png").convert("L")) > 0
+    m = np.asarray(Image.open(mask)) > 0
+    assert np.array_equal(exported, ~m)  # --invert_mask: the edit is outside the drawn mask
+
+
+def test_edit_default_weights_from_models_folder_and_ctrl_c(tmp_path, small_unet, ckpt_dir, photo,
+                                                           monkeypatch, capsys):
+    """Without --model/--clip the default file names are found in $BLENDED_DIFFUSION_MODELS; Ctrl-C in
+    the second iteration keeps the first iteration's results, JSON and contact sheet."""
+    models = tmp_path / "models"
+    (models / "ddpm").mkdir(parents=True)
+    (models / "clip_guidance").mkdir()
+    (models / "ddpm" / "256x256_diffusion_uncond.pt").write_bytes(small_unet.read_bytes())
+    (models / "clip_guidance" / "ViT-B-16.pt").write_bytes((ckpt_dir / "ViT-B-16.pt").read_bytes())
+    monkeypatch.setenv("BLENDED_DIFFUSION_MODELS", str(models))
+
+    calls = []
+    real_call = cli.StepBar.__call__
+
+    def interrupting(self, step, total, x0):
+        calls.append(step)
+        real_call(self, step, total, x0)
+        if len(calls) == 3:  # first step of the second iteration
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.StepBar, "__call__", interrupting)
+    img, mask = photo
+    out = tmp_path / "o"
+    rc, cap = run_cli(["edit", "-p", "a cat", "-i", img, "--mask", mask, *FAST, "--batch_size", 1,
+                       "--iterations_num", 3, "--output_path", out, "--offline"], capsys)
+    assert rc == 130
+    rec = json.loads((out / "output.json").read_text())
+    assert rec["interrupted"] is True and rec["finished_iterations"] == 1
+    assert rec["resolved"]["model"] == str(models / "ddpm" / "256x256_diffusion_uncond.pt")
+    assert rec["resolved"]["clip"] == str(models / "clip_guidance" / "ViT-B-16.pt")
+    assert [x["file"] for x in rec["results"]] == ["output_i_0_b_0.png"]
+    assert sorted(p.name for p in out.glob("output_i_*")) == ["output_i_0_b_0.png"]
+    assert len(list((out / "ranked").iterdir())) == 1 and (out / "output_sheet.png").is_file()
+    assert "interrupted" in cap.err
+
+
+def test_edit_errors_are_clear(tmp_path, photo, monkeypatch, capsys):
+    img, mask = photo
+    monkeypatch.setenv("BLENDED_DIFFUSION_MODELS", str(tmp_path / "empty"))
+    cases = [
+        (["-i", img], "-p/--prompt is required"),
+        (["-p", "x", "--mask", mask], "without -i"),
+        (["-p", "x", "-i", tmp_path / "nope.png"], "image file not found"),
+        (["-p", "x", "-i", img, "--timestep_respacing", "10", "--skip_timesteps", "10"], "leaves nothing"),
+        (["-p", "x", "-i", img, "--batch_size", "0"], "--batch_size = 0"),
+        (["-p", "x", "-i", img, "-o", "sub/out.png"], "must be a file name"),
+    ]
+    black = tmp_path / "black.png"
+    Image.new("L", (96, 72)).save(black)
+    cases.append((["-p", "x", "-i", img, "--mask", black], "selects no pixel"))
+    for argv, message in cases:
+        rc, cap = run_cli(["edit", *argv], capsys)
+        assert rc == 1 and message in cap.err, (argv, cap.err)
+    # offline without the weights: the file name, the URL and the folder to put it in
+    rc, cap = run_cli(["edit", "-p", "x", "-i", img, "--offline"], capsys)
+    from blended_diffusion.models import weights
+    assert rc == 1
+    for part in ("256x256_diffusion_uncond.pt", weights.DDPM_256.url, str(tmp_path / "empty" / "ddpm")):
+        assert part in cap.err
+
+
+def test_mask_files(tmp_path):
+    """Any non-zero pixel is masked: grayscale, colour (any channel), 16-bit; with transparency,
+    the transparent pixels (ComfyUI's LoadImage convention); resized nearest; --invert_mask."""
+    m = np.zeros((8, 12), np.uint8)
+    m[2:5, 3:7] = 1
+    expect = m > 0
+    cases = {"gray.png": Image.fromarray(m),
+             "rgb.png": Image.fromarray(np.stack([np.zeros_like(m), m * 0, m * 200], -1)),
+             "i16.png": Image.fromarray(m.astype(np.uint16) * 300)}
+    rgba = np.full((8, 12, 4), 255, np.uint8)  # ComfyUI's convention: transparent = edit
+    rgba[..., 3] = 255 - m * 255
+    cases["alpha.png"] = Image.fromarray(rgba, "RGBA")
+    opaque = np.zeros((8, 12, 4), np.uint8)    # fully opaque RGBA: the colour rule applies
+    opaque[..., 0], opaque[..., 3] = m * 9, 255
+    cases["opaque.png"] = Image.fromarray(opaque, "RGBA")
+    for name, im in cases.items():
+        im.save(tmp_path / name)
+        got = cli.load_mask(tmp_path / name, (8, 12))
+        assert got.shape == (1, 8, 12) and got.dtype == torch.float32
+        assert np.array_equal(got[0].numpy() > 0, expect), name
+        assert np.array_equal(cli.load_mask(tmp_path / name, (8, 12), invert=True)[0].numpy() > 0, ~expect)
+    big = cli.load_mask(tmp_path / "gray.png", (16, 24))[0].numpy() > 0  # nearest: blocks of 2x2
+    assert np.array_equal(big, np.kron(expect, np.ones((2, 2), bool)))
+
+
+# --- extrapolate, rank, run, weights ------------------------------------------------------------
+def test_extrapolate_end_to_end(tmp_path, small_unet, ckpt_dir, photo):
+    img, _ = photo
+    out = tmp_path / "x"
+    rc = cli.main(["extrapolate", "-i", str(img), "--right", "a forest", "--left", "--prompt", "a lake",
+                   "--amount", "0.25", "--timestep_respacing", "10", "--k_min", "1", "--k_max", "1",
+                   "--final_k", "1", "--aug_num", "2", "--model", str(small_unet),
+                   "--clip", str(ckpt_dir / "clip.safetensors"), "--output_path", str(out)])
+    assert rc == 0
+    rec = json.loads((out / "extrapolated.json").read_text())
+    assert rec["resolved"]["prompts"] == {"left": "a lake", "right": "a forest"}
+    result = Image.open(out / "extrapolated.png")
+    # worked at the model's height (64): 96x72 → 85x64, then + ceil(0.25·85) on each of the two sides
+    w0 = round(96 * 64 / 72)
+    w2 = w0 + 2 * int(np.ceil(0.25 * w0))
+    assert result.size == (w2, 64) and rec["output_size"] == [w2, 64] and rec["input_size"] == [96, 72]
+
+
+def test_extrapolate_needs_a_side(tmp_path, capsys):
+    rc, cap = run_cli(["extrapolate", "-i", tmp_path / "a.png"], capsys)
+    assert rc == 1 and "--left/--right/--up/--down" in cap.err
+
+
+def test_rank_end_to_end(tmp_path, ckpt_dir, photo, capsys):
+    img, mask = photo
+    folder = tmp_path / "results"
+    folder.mkdir()
+    base = np.asarray(Image.open(img))
+    for k, shift in enumerate((0, 60, 120)):
+        Image.fromarray(np.roll(base, shift, axis=1)).save(folder / f"r{k}.png")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "o"
+    rc, cap = run_cli(["rank", folder, img, "-p", "a colourful gradient", "--mask", mask,
+                       "--clip", ckpt_dir / "ViT-B-16.pt", "--output_path", out, "--top_k", 3], capsys)
+    assert rc == 0
+    rec = json.loads((out / "rank.json").read_text())
+    res = rec["results"]
+    assert len(res) == 4 and [r["rank"] for r in res] == [1, 2, 3, 4]
+    assert [r["score"] for r in res] == sorted(r["score"] for r in res)
+    copies = sorted((out / "ranked").iterdir())
+    assert len(copies) == 3 and res[3]["file"] is None  # --top_k 3
+    for r in res[:3]:
+        copy = out / r["file"]
+        assert copy.name == cli.score_token(r["score"]) + "_" + Path(r["source"]).name
+        assert copy.read_bytes() == Path(r["source"]).read_bytes()  # exact copies
+    assert "best:" in cap.out
+
+
+def _bundled_workflow():
+    api = ROOT / "workflows" / "api"
+    found = sorted(api.glob("*.json")) if api.is_dir() else []
+    assert found, "workflows/api/*.json is missing: the `run` subcommand has nothing to run"
+    for p in found:  # prefer the plain ranked text edit
+        if "text_edit" in p.stem:
+            return p
+    return found[0]
+
+
+def _fast_overrides(workflow: dict) -> list[str]:
+    """--set arguments that make any bundled workflow cheap on tiny checkpoints."""
+    fast = {"respacing": "10", "skip_timesteps": 9, "num_views": 2, "batch_size": 1, "top_k": 0,
+            "amount": 0.1, "strength": 0.0}
+    sets = []
+    for nid, node in workflow.items():
+        for name, value in node.get("inputs", {}).items():
+            if name in fast and not isinstance(value, list):
+                sets += ["--set", f"{nid}.{name}={json.dumps(fast[name])}"]
+    return sets
+
+
+def test_run_bundled_workflow_end_to_end(tmp_path, ckpt_dir, monkeypatch, capsys):
+    path = _bundled_workflow()
+    wf = json.loads(path.read_text())
+    models = tmp_path / "models"
+    (models / "ddpm").mkdir(parents=True)
+    (models / "clip_guidance").mkdir()
+    (models / "ddpm" / "256x256_diffusion_uncond.pt").symlink_to(ckpt_dir / "256x256_diffusion_uncond.pt")
+    (models / "clip_guidance" / "ViT-B-16.pt").symlink_to(ckpt_dir / "ViT-B-16.pt")
+    seed_sets = [f"{nid}.seed=5" for nid, n in wf.items() if "seed" in n.get("inputs", {})
+                 and not isinstance(n["inputs"]["seed"], list)]
+    sets = _fast_overrides(wf) + [x for s in seed_sets for x in ("--set", s)]
+    out = tmp_path / "out"
+    rc, cap = run_cli(["run", path, *sets, "--models_dir", models, "--output_path", out], capsys)
+    assert rc == 0, cap.err
+    rec = json.loads((out / f"{path.stem}.run.json").read_text())
+    assert rec["outputs"]
+    for f in rec["outputs"]:
+        assert Path(f).is_file() and out in Path(f).parents and min(Image.open(f).size) > 0
+    for s in seed_sets:  # the overrides reached the graph
+        nid = s.split(".")[0]
+        assert rec["applied"][nid]["seed"] == 5 and rec["overrides"][nid]["seed"] == 5
+    saved = [n for n in wf.values() if n["class_type"] == "SaveImage"]
+    if saved and any(n["class_type"] == "BlendedDiffusionSampler" for n in wf.values()):
+        prefix = saved[0]["inputs"]["filename_prefix"]
+        results = [f for f in rec["outputs"] if Path(f).relative_to(out).as_posix().startswith(prefix)]
+        assert len(results) == 1  # --set ….batch_size=1
+        loads = [n["inputs"]["image"] for n in wf.values() if n["class_type"] == "LoadImage"]
+        assert Image.open(results[0]).size == Image.open(ROOT / "examples" / loads[0]).size
+    assert "file(s) saved" in cap.out
+
+
+def test_run_override_errors(tmp_path, capsys):
+    wf = {"1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}},
+          "2": {"class_type": "BlendedDiffusionSampler", "inputs": {"seed": 1, "ddpm": ["1", 0]}}}
+    p = tmp_path / "wf.json"
+    p.write_text(json.dumps(wf))
+    assert cli.parse_override("3.seed=5") == ("3", "seed", 5)
+    assert cli.parse_override("6.text=a red ball") == ("6", "text", "a red ball")
+    assert cli.parse_override('6.text="7"') == ("6", "text", "7")
+    for sets, message in ((["9.seed=1"], "no node '9'"), (["2.ddpm=3"], "is a link"),
+                          (["2.bogus=3"], "has no input 'bogus'"), (["seed=3"], "NODE_ID.INPUT=VALUE")):
+        rc, cap = run_cli(["run", p, *[x for s in sets for x in ("--set", s)]], capsys)
+        assert rc == 1 and message in cap.err, (sets, cap.err)
+    rc, cap = run_cli(["run", "no_such_workflow"], capsys)
+    assert rc == 1 and "not found" in cap.err
+
+
+def test_weights_subcommand(tmp_path, monkeypatch, capsys):
+    from blended_diffusion.models import weights
+    monkeypatch.setenv("BLENDED_DIFFUSION_MODELS", str(tmp_path))
+    rc, cap = run_cli(["weights"], capsys)
+    assert rc == 1 and "MISSING" in cap.out and weights.DDPM_256.url in cap.out
+    (tmp_path / "ddpm").mkdir()
+    (tmp_path / "clip_guidance").mkdir()
+    (tmp_path / "ddpm" / "256x256_diffusion_uncond.pt").write_bytes(b"x")
+    (tmp_path / "clip_guidance" / "ViT-B-16.pt").write_bytes(b"x")
+    rc, cap = run_cli(["weights"], capsys)
+    assert rc == 0 and "MISSING" not in cap.out and str(tmp_path / "ddpm" / "256x256_diffusion_uncond.pt") in cap.out

@@ -23,7 +23,7 @@ trajectory latent (for a preview); raising from the callback aborts cleanly.
 
 Gradients: the optimisers run under ``torch.inference_mode(False)`` + ``torch.enable_grad()`` and clone
 their inputs, so they work when the host runs everything in inference mode (ComfyUI). The eps
-network's own weights must not be inference tensors (see ``models.edit.thaw``).
+network's own weights must not be inference tensors (see ``models.ddpm.thaw``).
 """
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor], None]
 
 __all__ = ["DDIMSchedule", "ddim_step", "ddim_invert", "null_text_optimize", "null_text_optimize_global",
-           "ddim_sample_cfg", "sdedit", "sdedit_start_step", "ddim_invert_pixel", "EpsFn", "Callback"]
+           "ddim_sample_cfg", "sdedit", "sdedit_start_step", "ddim_invert_pixel", "pixel_x_start", "EpsFn",
+           "Callback"]
 
 
 # --------------------------------------------------------------------------------------------- schedule
@@ -122,7 +123,7 @@ def _eps(eps: EpsFn, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) ->
         if "Inference tensors cannot be saved for backward" in str(e):
             raise RuntimeError("the model's weights are inference tensors, so no gradient can flow "
                                "through it; re-create them outside inference mode first "
-                               "(models.edit.thaw(module) inside torch.inference_mode(False))") from e
+                               "(models.ddpm.thaw(module) inside torch.inference_mode(False))") from e
         raise
     if out.shape != x.shape:
         raise ValueError(f"eps returned {tuple(out.shape)} for an input of {tuple(x.shape)}")
@@ -283,6 +284,8 @@ def ddim_sample_cfg(eps: EpsFn, schedule: DDIMSchedule, z: torch.Tensor, cond: t
                          "null_text_optimize must come from the same number of steps")
     b = z.shape[0]
     cond = _ctx(cond, b, "cond").to(z.device, z.dtype)
+    if controller is not None:
+        controller.reset()
     for i in range(start_step, n):
         k = n - i
         u = _ctx(uncond[i] if per_step else uncond, b, "uncond").to(z.device, z.dtype)
@@ -348,3 +351,30 @@ def ddim_invert_pixel(ddpm, x0: torch.Tensor, k: int, y: torch.Tensor | None = N
         if callback is not None:
             callback(i + 1, k, x)
     return x
+
+
+def pixel_x_start(ddpm, image: torch.Tensor, mask: torch.Tensor | None, skip_timesteps: int, *,
+                  batch_size: int = 1, context: float = 0.25, class_label: int | None = None,
+                  callback: Callback | None = None) -> torch.Tensor:
+    """``x_start`` for ``models.edit.edit(ddpm, image, mask, …, skip_timesteps, batch_size,
+    context, x_start=…)``: the DDIM inversion of the very crop edit() works on (same plan_box / crop),
+    repeated batch_size times. image [1, 3, H, W] in 0..1 (edit() uses one x_start for every image, so
+    invert one image at a time); mask as for edit(). A class-conditional model needs ``class_label``
+    (edit() must then get the same label)."""
+    from .edit import check_inputs
+    from .region import crop, plan_box
+    image, mask = check_inputs(image, mask, ddpm, skip_timesteps, batch_size)
+    if image.shape[0] != 1:
+        raise ValueError(f"{image.shape[0]} images: invert one image at a time (edit() starts every "
+                         "image from the same x_start)")
+    y = None
+    if ddpm.num_classes is not None:
+        if class_label is None or not 0 <= class_label < ddpm.num_classes:
+            raise ValueError(f"a class-conditional model needs a fixed class_label in 0..{ddpm.num_classes - 1} "
+                             "for a deterministic inversion (and the same label in the edit)")
+        y = torch.full((1,), class_label, dtype=torch.long, device=ddpm.device)
+    size = ddpm.image_size
+    box = plan_box(mask[0].cpu(), size, context)
+    source = crop(image.to(ddpm.device), box, size) * 2 - 1
+    x = ddim_invert_pixel(ddpm, source, ddpm.num_steps - skip_timesteps, y, callback)
+    return x.expand(batch_size, -1, -1, -1).clone()

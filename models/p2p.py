@@ -33,7 +33,7 @@ import logging
 import math
 import types
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -224,7 +224,8 @@ class LocalBlend:
     makes the mask. The maps (summed over the words, averaged over heads and layers, accumulated over
     the steps so far, as the reference) are max-pooled (3×3), resized to the latent, divided by their
     maximum and thresholded; edit j's mask is source-mask ∪ edit-j-mask. Applied from sampling step
-    start·N on. ``max_tokens`` limits the layers used (reference: 16×16 = 256 for SD1 at 512 px)."""
+    start·N on. ``max_tokens`` limits the layers used (reference: 16×16 = 256 for SD1 at 512 px).
+    One mask for the whole batch: sample one source image (one group) per batch."""
 
     def __init__(self, words: Sequence[Sequence[int]], threshold: float = 0.3, start: float = 0.2,
                  max_tokens: int | None = None):
@@ -308,7 +309,8 @@ class AttentionControl:
         self.refine = None
         if refine is not None:
             idx, alpha = refine
-            self.refine = (idx if idx.ndim == 2 else idx[None]).long(), (alpha if alpha.ndim == 2 else alpha[None]).float()
+            self.refine = ((idx if idx.ndim == 2 else idx[None]).long(),
+                           (alpha if alpha.ndim == 2 else alpha[None]).float())
         self.scale = None if scale is None else (scale if scale.ndim == 2 else scale[None]).float()
         for name, v in (("mapper", self.mapper), ("refine", self.refine and self.refine[0]), ("scale", self.scale)):
             if v is not None and v.shape[0] != n_edits:
@@ -338,10 +340,8 @@ class AttentionControl:
     def begin_step(self, i: int, total: int, cond_or_uncond: list[int] | None = None,
                    latent_shape: tuple[int, int] | None = None):
         """Before the UNet call(s) of sampling step i of ``total``. cond_or_uncond: the chunk kinds
-        of the coming batched call (ComfyUI passes its own in extra_options, which wins)."""
-        if i == 0 or self.total != total:
-            if self.local_blend is not None:
-                self.local_blend.reset()
+        of the coming batched call (ComfyUI passes its own in extra_options, which wins).
+        Call ``reset()`` before each new sampling run."""
         self.step, self.total = i, total
         self.cond_or_uncond = cond_or_uncond
         if latent_shape is not None:
@@ -461,9 +461,6 @@ def prompt_to_prompt(source: TokenizedPrompt, edits: Sequence[TokenizedPrompt], 
 
 
 # --------------------------------------------------------------------------------------------- hooks
-Controller = Callable[..., torch.Tensor]
-
-
 def controlled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, controller,
                          is_cross: bool, place: str = "", cond_or_uncond: list[int] | None = None) -> torch.Tensor:
     """Multi-head attention with explicit probabilities handed to ``controller``.
@@ -513,8 +510,9 @@ def apply_attention_control(module: torch.nn.Module, controller) -> _Hooks:
             continue
 
         def forward(self, x, context=None, mask=None, _name=name, **kwargs):
-            if mask is not None:
-                raise ValueError("attention masks are not supported under prompt-to-prompt control")
+            if mask is not None or kwargs.get("value") is not None:
+                raise ValueError("attention masks and separate values are not supported under "
+                                 "prompt-to-prompt control")
             is_cross = context is not None
             ctx = x if context is None else context
             out = controlled_attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads,

@@ -123,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     # extrapolate ------------------------------------------------------------------------------
     x = sub.add_parser("extrapolate", help="extend an image beyond its borders, guided by a prompt per side",
                        description="Text-guided extrapolation (paper supplement B.5.2). Name each side "
-                                   "to extend with its prompt, e.g. --left 'a lake' --right 'a forest'.")
+                                   "to extend with its prompt, e.g. --left 'a lake' --right 'a forest'. "
+                                   "The result is at the model's resolution (its height is the model size "
+                                   "when extending left/right, its width when extending up/down).")
     x.add_argument("-i", "--init_image", type=str, default=None,
                    help="the image to extend (default: the bundled example)")
     for d in ("left", "right", "up", "down"):
@@ -359,6 +361,11 @@ def mask_overlay(image, mask):
     return to_pil(image[0] * (1 - 0.5 * m) + red * 0.5 * m)
 
 
+def parameters(args) -> dict:
+    """Every parsed option, for the JSON record."""
+    return {k: v for k, v in vars(args).items() if k != "argv"}
+
+
 def write_json(path: Path, data: dict):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
@@ -498,9 +505,9 @@ def cmd_edit(args) -> int:
     k = ddpm.num_steps - args.skip_timesteps
     algorithm = ("Algorithm 1 (local CLIP-guided diffusion)" if local else
                  "Algorithm 3 (DDIM)" if args.ddim else "Algorithm 2 (DDPM)")
-    params = {k_: v for k_, v in vars(args).items() if k_ not in ("func",)}
+    params = parameters(args)
     record = {
-        "command": "edit", "argv": sys.argv[1:], "parameters": params,
+        "command": "edit", "argv": args.argv, "parameters": params,
         "resolved": {"init_image": str(Path(args.init_image).resolve()),
                      "mask": str(Path(args.mask).resolve()) if args.mask else None, "mask_source": mask_source,
                      "model": str(ddpm_file), "clip": str(clip_file) if clip_file else None,
@@ -643,8 +650,8 @@ def cmd_extrapolate(args) -> int:
     pil.save(out_path)
     json_path = out_path.with_suffix(".json")
     write_json(json_path, {
-        "command": "extrapolate", "argv": sys.argv[1:],
-        "parameters": {k: v for k, v in vars(args).items() if k != "func"},
+        "command": "extrapolate", "argv": args.argv,
+        "parameters": parameters(args),
         "resolved": {"init_image": str(Path(args.init_image).resolve()), "prompts": prompts,
                      "model": str(ddpm_file), "clip": str(clip_file) if clip_file else None,
                      "device": str(device), "precision": precision, "respaced_steps": ddpm.num_steps},
@@ -702,8 +709,8 @@ def cmd_rank(args) -> int:
         entries.append({"rank": rank_, "score": scores[j], "source": str(files[j].resolve()),
                         "file": None if copied is None else f"ranked/{copied.name}"})
     json_path = out_dir / "rank.json"
-    write_json(json_path, {"command": "rank", "argv": sys.argv[1:],
-                           "parameters": {k: v for k, v in vars(args).items() if k != "func"},
+    write_json(json_path, {"command": "rank", "argv": args.argv,
+                           "parameters": parameters(args),
                            "resolved": {"clip": str(clip_file), "device": str(device), "precision": precision,
                                         "score": "D_CLIP inside the mask (lower is better)"},
                            "results": entries})
@@ -827,7 +834,7 @@ def cmd_run(args) -> int:
             summary.info("node %s: %s", nid, t)
     json_path = out_dir / f"{path.stem}.run.json"
     write_json(json_path, {
-        "command": "run", "argv": sys.argv[1:], "workflow": str(path.resolve()), "overrides": overrides,
+        "command": "run", "argv": args.argv, "workflow": str(path.resolve()), "overrides": overrides,
         "prompt": {k: v for k, v in workflow.items()}, "applied": _applied(workflow, overrides),
         "outputs": [str(f) for f in files], "node_text": texts, "elapsed_s": round(time.time() - t0, 2)})
     summary.info("ran %s: %d file(s) saved in %s (record %s)", path.name, len(files), out_dir, json_path)
@@ -890,6 +897,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = _implicit_edit(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command is None:
         parser.print_help()
         return 2

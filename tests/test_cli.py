@@ -95,25 +95,26 @@ def test_every_official_flag_parses_and_sets_its_value():
 
 
 def test_python_m_and_no_comfyui_import(tmp_path, ckpt_dir):
-    """`python -m blended_diffusion` works when the pack is importable as a package, and the CLI
-    never imports ComfyUI (run in a fresh interpreter)."""
+    """`python -m blended_diffusion` works when the pack is importable as a package (as pip installs it),
+    and the CLI never imports ComfyUI (checked in a fresh interpreter)."""
     (tmp_path / "blended_diffusion").symlink_to(ROOT, target_is_directory=True)
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "BLENDED_DIFFUSION_MODELS": str(tmp_path / "none")}
-    helped = subprocess.run([sys.executable, "-m", "blended_diffusion", "edit", "--help"], env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert helped.returncode == 0, helped.stderr
-    for flag, _, _ in OFFICIAL_DEFAULTS:
-        assert flag in helped.stdout
+    rank = ["rank", str(ROOT / "examples"), "-p", "grass", "--clip", str(ckpt_dir / "ViT-B-16.pt"),
+            "--output_path", str(tmp_path / "out")]
     code = ("import sys, runpy\n"
-            f"sys.argv = ['blended_diffusion', 'rank', {str(ROOT / 'examples')!r}, '-p', 'grass', "
-            f"'--clip', {str(ckpt_dir / 'ViT-B-16.pt')!r}, '--output_path', {str(tmp_path / 'out')!r}]\n"
-            "try:\n    runpy.run_module('blended_diffusion', run_name='__main__')\n"
-            "except SystemExit as e:\n    rc = e.code\n"
+            "def run(argv):\n"
+            "    sys.argv = ['blended_diffusion', *argv]\n"
+            "    try:\n        runpy.run_module('blended_diffusion', run_name='__main__', alter_sys=True)\n"
+            "    except SystemExit as e:\n        return e.code\n"
+            "helped = run(['edit', '--help'])\n"
+            f"ranked = run({rank!r})\n"
             "host = [m for m in sys.modules if m.split('.')[0] in "
             "('comfy', 'comfy_api', 'comfy_execution', 'folder_paths', 'server', 'execution', 'nodes')]\n"
-            "print('RC', rc, 'HOST', host)\n")
-    ran = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
-    assert "RC 0 HOST []" in ran.stdout, ran.stdout + ran.stderr
+            "print('RC', helped, ranked, 'HOST', host)\n")
+    ran = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "RC 0 0 HOST []" in ran.stdout, ran.stdout + ran.stderr
+    for flag, _, _ in OFFICIAL_DEFAULTS:
+        assert flag in ran.stdout
     assert (tmp_path / "out" / "rank.json").is_file()
 
 
@@ -134,6 +135,7 @@ def test_edit_bundled_example_end_to_end(tmp_path, ckpt_dir, capsys):
     for _, attr, _ in OFFICIAL_DEFAULTS:
         assert attr in rec["parameters"]
     assert rec["parameters"]["prompt"] == prompt and rec["resolved"]["denoising_steps"] == 1
+    assert rec["argv"][:3] == ["edit", "--model", str(ckpt_dir / "256x256_diffusion_uncond.pt")]
     assert rec["resolved"]["algorithm"].startswith("Algorithm 2") and not rec["interrupted"]
     res = rec["results"]
     assert [r["rank"] for r in res] == [1, 2]
@@ -280,16 +282,16 @@ def test_extrapolate_end_to_end(tmp_path, small_unet, ckpt_dir, photo):
     img, _ = photo
     out = tmp_path / "x"
     rc = cli.main(["extrapolate", "-i", str(img), "--right", "a forest", "--left", "--prompt", "a lake",
-                   "--amount", "0.25", "--timestep_respacing", "10", "--k_min", "1", "--k_max", "1",
+                   "--amount", "0.15", "--timestep_respacing", "10", "--k_min", "1", "--k_max", "1",
                    "--final_k", "1", "--aug_num", "2", "--model", str(small_unet),
                    "--clip", str(ckpt_dir / "clip.safetensors"), "--output_path", str(out)])
     assert rc == 0
     rec = json.loads((out / "extrapolated.json").read_text())
     assert rec["resolved"]["prompts"] == {"left": "a lake", "right": "a forest"}
     result = Image.open(out / "extrapolated.png")
-    # worked at the model's height (64): 96x72 → 85x64, then + ceil(0.25·85) on each of the two sides
+    # worked at the model's height (64): 96x72 → 85x64, then + ceil(0.15·85) on each of the two sides
     w0 = round(96 * 64 / 72)
-    w2 = w0 + 2 * int(np.ceil(0.25 * w0))
+    w2 = w0 + 2 * int(np.ceil(0.15 * w0))
     assert result.size == (w2, 64) and rec["output_size"] == [w2, 64] and rec["input_size"] == [96, 72]
 
 
@@ -403,3 +405,35 @@ def test_weights_subcommand(tmp_path, monkeypatch, capsys):
     (tmp_path / "clip_guidance" / "ViT-B-16.pt").write_bytes(b"x")
     rc, cap = run_cli(["weights"], capsys)
     assert rc == 0 and "MISSING" not in cap.out and str(tmp_path / "ddpm" / "256x256_diffusion_uncond.pt") in cap.out
+
+
+def test_weights_download_from_local_server(tmp_path, ckpt_dir, monkeypatch, capsys):
+    """`weights --download` fetches the missing default files (here from 127.0.0.1), checks their
+    sha256 and leaves them where `edit` looks for them."""
+    import functools
+    import hashlib
+    import http.server
+    import threading
+
+    from blended_diffusion.models import weights as W
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(ckpt_dir))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        for key, wf in (("ddpm_256", W.DDPM_256), ("clip", W.CLIP_VIT_B16)):
+            data = (ckpt_dir / wf.name).read_bytes()
+            monkeypatch.setitem(W.DEFAULT_WEIGHTS, key, W.WeightFile(
+                name=wf.name, folder=wf.folder, url=f"{base}/{wf.name}", description=wf.description,
+                sha256=hashlib.sha256(data).hexdigest(), size=len(data)))
+        monkeypatch.setenv("BLENDED_DIFFUSION_MODELS", str(tmp_path))
+        rc, cap = run_cli(["weights", "--download"], capsys)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert rc == 0, cap.err
+    for wf in (W.DDPM_256, W.CLIP_VIT_B16):
+        got = tmp_path / wf.folder / wf.name
+        assert got.read_bytes() == (ckpt_dir / wf.name).read_bytes()
+        assert not got.with_name(wf.name + ".part").exists()
+        assert wf.name in cap.err  # its progress bar

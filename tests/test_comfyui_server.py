@@ -41,6 +41,8 @@ DDPM_FILE, CLIP_FILE = "256x256_diffusion_uncond.pt", "ViT-B-16.pt"
 START_TIMEOUT = 150
 PROMPT_TIMEOUT = 150
 HOST = "127.0.0.1"
+# a tiny 256 px UNet still costs seconds per step on a shared CPU: respacing "2" and skip 1 = one step
+FAST = dict(respacing=2, skip=1, strength=0.5)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -217,16 +219,20 @@ def _set_steps(prompt, object_info, respacing, skip, strength, batch=1, views=2,
                     node["inputs"][name] = (pick[-1] if pick else nums[0]) if nums else value
                 elif spec[0] == "INT":
                     node["inputs"][name] = respacing
+                elif isinstance(value, str) and value.lower().startswith("ddim"):
+                    node["inputs"][name] = f"ddim{respacing}"
                 else:
                     node["inputs"][name] = str(respacing)
             elif key in ("skip_timesteps", "skip"):
                 node["inputs"][name] = skip
-            elif key == "strength":
+            elif key == "strength" and isinstance(value, (int, float)) and value > 0:  # 0 = use skip
                 node["inputs"][name] = strength
             elif key in ("batch_size", "batch"):
                 node["inputs"][name] = batch
             elif key in ("num_views", "views", "n_views", "aug_num"):
                 node["inputs"][name] = views
+            elif key == "amount" and spec[0] == "FLOAT":  # Extrapolate: the least growth, one window
+                node["inputs"][name] = spec[1].get("min", value) if len(spec) > 1 else value
             elif key in ("top_k", "topk", "k"):
                 node["inputs"][name] = min(value, batch) if isinstance(value, int) else value
             elif key in ("seed", "noise_seed") and isinstance(value, int):
@@ -245,12 +251,15 @@ def _image_name(value):
     return value[:-len(" [input]")] if isinstance(value, str) and value.endswith(" [input]") else value
 
 
-def _pack_file(name):
-    """The file shipped with the pack that a LoadImage widget value `name` refers to."""
-    base = Path(name).name
-    hits = [p for p in ROOT.rglob(base) if ".git" not in p.parts and "tests" not in p.parts and p.is_file()]
-    hits.sort(key=lambda p: (not str(p).endswith(name), len(p.parts)))
-    return hits[0] if hits else None
+def _workflow_images():
+    """{image name: [workflow files]} for every LoadImage/LoadImageMask in the API workflows."""
+    out = {}
+    for wf in WORKFLOWS:
+        for node in _load_workflow(wf).values():
+            if node["class_type"] in ("LoadImage", "LoadImageMask") and isinstance(
+                    node["inputs"].get("image"), str):
+                out.setdefault(_image_name(node["inputs"]["image"]), []).append(wf.name)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- fixture
@@ -269,15 +278,6 @@ def server(tmp_path_factory):
     (extra / "models" / "ddpm" / "README.txt").write_text("not a checkpoint\n")
     # a checkpoint in the pack's default folder (<models>/ddpm) must be listed next to the yaml one
     shutil.copy(extra / "models" / "ddpm" / DDPM_FILE, base / "models" / "ddpm" / "other_uncond.pt")
-    for wf in WORKFLOWS:  # the example images the workflows load
-        for node in _load_workflow(wf).values():
-            if node["class_type"] in ("LoadImage", "LoadImageMask") and isinstance(
-                    node["inputs"].get("image"), str):
-                name = _image_name(node["inputs"]["image"])
-                src = _pack_file(name)
-                if src is not None and not (input_dir / name).exists():
-                    (input_dir / name).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy(src, input_dir / name)
     yaml_path = tmp / "extra_model_paths.yaml"
     yaml_path.write_text(f"blended_diffusion_test:\n    base_path: {extra}\n"
                          f"    custom_nodes: custom_nodes\n    ddpm: models/ddpm\n"
@@ -287,7 +287,7 @@ def server(tmp_path_factory):
     cli = (COMFY / "comfy" / "cli_args.py").read_text()
     cmd = [PYTHON, "main.py", "--cpu", "--listen", HOST, "--port", str(port), "--disable-auto-launch",
            "--extra-model-paths-config", str(yaml_path), "--input-directory", str(input_dir),
-           "--output-directory", str(output_dir), "--temp-directory", str(temp_dir)]
+           "--output-directory", str(output_dir), "--temp-directory", str(base)]  # ComfyUI adds /temp
     if '"--base-directory"' in cli:
         cmd += ["--base-directory", str(base)]
     if '"--database-url"' in cli:
@@ -396,11 +396,23 @@ def test_loader_combos_list_model_folders(server, node_id, filename, also):
         assert "README.txt" not in listing, f"{node_id} lists non-checkpoint files: {combos}"
 
 
+def test_example_images_offered_by_loadimage(server):
+    """The workflows' example images ship with the pack and LoadImage finds them (the pack puts them
+    in ComfyUI's input folder; the test's input folder starts empty)."""
+    wanted = _workflow_images()
+    if not wanted:
+        pytest.skip("no API workflow loads an image yet")
+    info = server.get("/object_info/LoadImage")["LoadImage"]
+    offered = set(_combo_options(_input_specs(info)["image"]) or [])
+    missing = {k: v for k, v in wanted.items() if k not in offered}
+    assert not missing, f"images the workflows load but LoadImage does not offer: {missing}"
+
+
 @pytest.mark.parametrize("workflow", WORKFLOWS or [None], ids=lambda p: p.stem if p else "none")
 def test_api_workflow_runs(server, ws, workflow):
     if workflow is None:
         pytest.skip("workflows/api/ holds no workflow yet")
-    prompt = _set_steps(_load_workflow(workflow), server.object_info, respacing=10, skip=7, strength=0.3)
+    prompt = _set_steps(_load_workflow(workflow), server.object_info, **FAST)
     pid, entry, messages = _run(server, ws, prompt)
     assert entry["status"]["status_str"] == "success", _error_text(entry, messages, server)
     outputs = entry["outputs"]
@@ -418,19 +430,31 @@ def test_api_workflow_runs(server, ws, workflow):
     assert n_images > 0, f"{workflow.name} saves or previews no image"
 
 
-def _sampler_workflow():
+def _sampler_graph():
+    """The first workflow's first sampler with only what it needs, and a PreviewImage of its result."""
     for wf in WORKFLOWS:
         prompt = _load_workflow(wf)
-        if any(n["class_type"] == "BlendedDiffusionSampler" for n in prompt.values()):
-            return wf, prompt
-    return None, None
+        sampler = next((k for k, n in prompt.items() if n["class_type"] == "BlendedDiffusionSampler"), None)
+        if sampler is None:
+            continue
+        keep, todo = set(), [sampler]
+        while todo:
+            k = todo.pop()
+            if k in keep:
+                continue
+            keep.add(k)
+            todo += [v[0] for v in prompt[k]["inputs"].values() if isinstance(v, list) and len(v) == 2]
+        graph = {k: prompt[k] for k in keep}
+        graph["bd_test_preview"] = {"class_type": "PreviewImage", "inputs": {"images": [sampler, 0]}}
+        return wf, sampler, graph
+    return None, None, None
 
 
 def test_progress_preview_and_cancel_keeps_models(server, ws):
-    wf, prompt = _sampler_workflow()
+    wf, sampler, prompt = _sampler_graph()
     if wf is None:
         pytest.skip("no API workflow with a BlendedDiffusionSampler yet")
-    sampler_ids = {k for k, n in prompt.items() if n["class_type"] == "BlendedDiffusionSampler"}
+    sampler_ids = {sampler}
     long = _set_steps(json.loads(json.dumps(prompt)), server.object_info, respacing=100, skip=0,
                       strength=1.0, seed_offset=1000)
     seen = {"progress": [], "previews": 0, "interrupted": False}
@@ -438,17 +462,18 @@ def test_progress_preview_and_cancel_keeps_models(server, ws):
     def on_message(pid, msg):
         if isinstance(msg, bytes):
             event, kind = struct.unpack(">II", msg[:8])
-            if event == 1 and not seen["interrupted"]:
+            if event == 1 and seen["progress"] and not seen["interrupted"]:  # after the sampler started
                 assert kind == 1 and msg[8:10] == b"\xff\xd8", "preview is not a JPEG"
                 seen["previews"] += 1
-            return
-        data = msg.get("data", {})
-        if msg.get("type") == "progress" and data.get("prompt_id") == pid and data.get("node") in sampler_ids:
-            seen["progress"].append((data["value"], data["max"]))
-            if len(seen["progress"]) >= 2 and seen["previews"] >= 1 and not seen["interrupted"]:
-                status, _ = server.post("/interrupt", {})
-                assert status == 200
-                seen["interrupted"] = True
+        else:
+            data = msg.get("data", {})
+            if (msg.get("type") == "progress" and data.get("prompt_id") == pid
+                    and data.get("node") in sampler_ids):
+                seen["progress"].append((data["value"], data["max"]))
+        if seen["progress"] and seen["previews"] and not seen["interrupted"]:
+            status, _ = server.post("/interrupt", {})
+            assert status == 200
+            seen["interrupted"] = True
 
     pid, entry, messages = _run(server, ws, long, on_message=on_message)
     assert seen["progress"], f"the sampler reported no progress:\n{_error_text(entry, messages, server)}"
@@ -461,8 +486,7 @@ def test_progress_preview_and_cancel_keeps_models(server, ws):
     assert entry["status"]["status_str"] == "error"
     assert seen["progress"][-1][0] < total, "cancel did not stop the loop"
 
-    short = _set_steps(json.loads(json.dumps(prompt)), server.object_info, respacing=10, skip=7,
-                       strength=0.3, seed_offset=2000)
+    short = _set_steps(json.loads(json.dumps(prompt)), server.object_info, **FAST, seed_offset=2000)
     pid2, entry2, messages2 = _run(server, ws, short)
     assert entry2["status"]["status_str"] == "success", _error_text(entry2, messages2, server)
     # loaders whose widgets are the same in both prompts must be reused, not reloaded

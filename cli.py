@@ -328,27 +328,30 @@ def score_token(score: float | None) -> str:
 
 
 def contact_sheet(tiles: list, path: Path, tile: int = 256, cols: int | None = None, title: str = ""):
-    """Grid of (PIL image, caption) tiles, each fitted in tile×tile with its caption below."""
+    """Grid of (PIL image, caption) tiles: cells ``tile`` wide and as tall as the tallest image's aspect
+    ratio needs, each image fitted in its cell with its caption below."""
     from PIL import Image, ImageDraw, ImageFont
     n = len(tiles)
     cols = cols or max(1, min(n, math.ceil(math.sqrt(n))))
     rows = math.ceil(n / cols)
+    aspect = min(max(im.height / im.width for im, _ in tiles), 4.0)
+    tw, th = tile, max(1, round(tile * aspect))
     try:
         font = ImageFont.load_default(size=14)
     except TypeError:  # Pillow < 10.1
         font = ImageFont.load_default()
     cap, pad, head = 22, 6, (26 if title else 0)
-    sheet = Image.new("RGB", (cols * (tile + pad) + pad, head + rows * (tile + cap + pad) + pad), "white")
+    sheet = Image.new("RGB", (cols * (tw + pad) + pad, head + rows * (th + cap + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
     if title:
         draw.text((pad, 6), title[:200], fill="black", font=font)
     for k, (im, caption) in enumerate(tiles):
         r, c = divmod(k, cols)
-        x0, y0 = pad + c * (tile + pad), head + pad + r * (tile + cap + pad)
+        x0, y0 = pad + c * (tw + pad), head + pad + r * (th + cap + pad)
         thumb = im.copy()
-        thumb.thumbnail((tile, tile), Image.LANCZOS)
-        sheet.paste(thumb, (x0 + (tile - thumb.width) // 2, y0 + (tile - thumb.height) // 2))
-        draw.text((x0 + 2, y0 + tile + 3), caption, fill="black", font=font)
+        thumb.thumbnail((tw, th), Image.LANCZOS)
+        sheet.paste(thumb, (x0 + (tw - thumb.width) // 2, y0 + (th - thumb.height) // 2))
+        draw.text((x0 + 2, y0 + th + 3), caption, fill="black", font=font)
     sheet.save(path)
     return sheet
 

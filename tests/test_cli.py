@@ -161,8 +161,9 @@ def test_edit_bundled_example_end_to_end(tmp_path, ckpt_dir, capsys):
                         torch.from_numpy(masked.astype(np.float32))[None], prompt)
     assert abs(float(again[0]) - res[0]["score"]) < 2e-3
 
-    sheet = Image.open(out / "output_sheet.png")  # source + mask + 2 results: 2x2 tiles
-    assert sheet.size == (2 * (256 + 6) + 6, 26 + 2 * (256 + 22 + 6) + 6)
+    sheet = Image.open(out / "output_sheet.png")  # source + mask + 2 results: 2x2 cells of 256 wide
+    th = round(256 * src.shape[0] / src.shape[1])
+    assert sheet.size == (2 * (256 + 6) + 6, 26 + 2 * (th + 22 + 6) + 6)
     assert "best:" in cap.out and str(out / res[0]["ranked_file"]) in cap.out
 
 

@@ -161,7 +161,8 @@ def ensure(weight: WeightFile | str, *, download: bool = True, progress: bool = 
     if not download:
         raise WeightsError(
             f"{weight.name} ({weight.description}) is missing and downloads are off. Download it from "
-            f"{weight.url} and put it in {dest.parent} (or pass its path explicitly).")
+            f"{weight.url} and put it in {dest.parent} (or give its path: --model / --clip on the "
+            "command line).")
     log.info("%s not found in %s: downloading it from %s", weight.name,
              ", ".join(str(d) for d in search_dirs(weight.folder, pack_root)), weight.url)
     if not weight.has_checksum:
@@ -186,8 +187,8 @@ def _hash_existing(path: Path, h) -> int:
 def _offline_message(url: str, dest: Path, reason) -> str:
     return (f"could not download {dest.name} from {url} ({reason}). If this machine is offline, "
             f"download {dest.name} elsewhere from {url} and put it in {dest.parent} "
-            f"(or set {ENV_MODELS_DIR} to a folder with ddpm/ and clip_guidance/ subfolders, or pass the "
-            "file's path explicitly).")
+            f"(or set {ENV_MODELS_DIR} to a folder with ddpm/ and clip_guidance/ subfolders, or give the "
+            "file's path: --model / --clip on the command line).")
 
 
 def download_file(url: str, dest: Path | str, *, weight: WeightFile | None = None, progress: bool = True,
@@ -215,7 +216,7 @@ def download_file(url: str, dest: Path | str, *, weight: WeightFile | None = Non
                 if attempt > retries:
                     raise DownloadError(_offline_message(url, dest, e.args[0])) from None
                 wait = backoff * 2 ** (attempt - 1)
-                log.warning("download of %s interrupted (%s); retry %d/%d in %.0f s%s", name, e.args[0],
+                log.warning("download of %s failed (%s); retry %d/%d in %.0f s%s", name, e.args[0],
                             attempt, retries, wait, ", resuming" if part.exists() else "")
                 time.sleep(wait)
     finally:

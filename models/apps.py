@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .blended import blended_diffusion, generators
 from .clip import ClipModel, d_clip
-from .edit import grad_mode, thaw
+from .edit import grad_mode
 from .guidance import Guide, lpips_model
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,9 @@ def extrapolate(ddpm, clip: ClipModel | None, image: torch.Tensor, prompts: dict
     q, stage = S // 4, 0
     dev, multiple = ddpm.device, 2 ** (len(ddpm.config["channel_mult"]) - 1)
     with grad_mode():
-        thaw(ddpm.model)
+        ddpm.thaw()
         if clip is not None:
-            thaw(clip.model)
+            clip.thaw()
         for direction in [d for d in ("left", "right", "up", "down") if d in prompts]:
             fwd, back = _TO_RIGHT[direction]
             c, kn = fwd(canvas), fwd(known)

@@ -34,8 +34,16 @@ class ClipModel:
         return next(self.model.parameters()).device
 
     def to(self, device) -> "ClipModel":
-        self.model.to(device)
-        self._text_cache = {k: v.to(device) for k, v in self._text_cache.items()}
+        with torch.inference_mode(False):
+            self.model.to(device)
+            self._text_cache = {k: v.to(device) for k, v in self._text_cache.items()}
+        return self
+
+    def thaw(self) -> "ClipModel":
+        """Make weights and cached embeddings usable by autograd after inference-mode handling."""
+        from .ddpm import thaw, thaw_tensors
+        thaw(self.model)
+        self._text_cache = thaw_tensors(self._text_cache)
         return self
 
     def _autocast(self):

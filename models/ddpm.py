@@ -84,6 +84,21 @@ class DDPM:
     precision: str = "fp32"
     path: str = ""
     sched: dict = field(default_factory=dict)
+    noise_schedule: str = "linear"
+
+    def respaced(self, respacing: str, precision: str | None = None) -> "DDPM":
+        """Another schedule/precision over the same (shared) UNet weights."""
+        diffusion = make_diffusion(respacing, noise_schedule=self.noise_schedule, learn_sigma=self.learn_sigma)
+        with torch.inference_mode(False):
+            sched = schedule_tensors(diffusion, self.device)
+        return DDPM(self.model, diffusion, self.config, precision or self.precision, self.path, sched,
+                    self.noise_schedule)
+
+    def thaw(self) -> "DDPM":
+        """Make weights and schedule usable by autograd after a host touched them in inference mode."""
+        thaw(self.model)
+        self.sched = thaw_tensors(self.sched)
+        return self
 
     @property
     def image_size(self) -> int:
@@ -106,8 +121,9 @@ class DDPM:
         return next(self.model.parameters()).device
 
     def to(self, device) -> "DDPM":
-        self.model.to(device)
-        self.sched = {k: v.to(device) for k, v in self.sched.items()}
+        with torch.inference_mode(False):
+            self.model.to(device)
+            self.sched = {k: v.to(device) for k, v in self.sched.items()}
         return self
 
     def autocast(self):
@@ -150,6 +166,25 @@ class DDPM:
             return x0
         s = self.sched
         return s["sqrt_ac"][i] * x0 + s["sqrt_1m_ac"][i] * noise
+
+
+def thaw(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace inference tensors (left by a host that moved the model in inference mode) by
+    normal ones, so that autograd can save them for backward."""
+    with torch.inference_mode(False):
+        for m in module.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and p.is_inference():
+                    m._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+            for name, b in list(m._buffers.items()):
+                if b is not None and b.is_inference():
+                    m._buffers[name] = b.clone()
+    return module
+
+
+def thaw_tensors(d: dict) -> dict:
+    with torch.inference_mode(False):
+        return {k: v.clone() if v.is_inference() else v for k, v in d.items()}
 
 
 def schedule_tensors(diffusion: SpacedDiffusion, device="cpu") -> dict:
@@ -207,4 +242,6 @@ def load_ddpm(path: str, respacing: str = "100", precision: str = "fp32", device
     log.info("loaded %s: %s, %d steps (%s), %s", path, {k: cfg[k] for k in
              ("image_size", "model_channels", "channel_mult", "num_classes")},
              diffusion.num_timesteps, respacing, precision)
-    return DDPM(model, diffusion, cfg, precision, path, schedule_tensors(diffusion, device))
+    with torch.inference_mode(False):
+        sched = schedule_tensors(diffusion, device)
+    return DDPM(model, diffusion, cfg, precision, path, sched, schedule)

@@ -7,7 +7,6 @@ import logging
 
 import torch
 
-from .augment import AugmentSettings  # noqa: F401  (re-export for callers)
 from .blended import StepCallback, blended_diffusion, generators
 from .guidance import Guide
 from .region import crop, paste, plan_box
@@ -20,20 +19,6 @@ def grad_mode():
     """Gradients work even when the caller runs under torch.inference_mode() (ComfyUI does)."""
     with torch.inference_mode(False), torch.enable_grad():
         yield
-
-
-def thaw(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace inference tensors (left by a host that moved the model in inference mode) by
-    normal ones, so that autograd can save them for backward."""
-    with torch.inference_mode(False):
-        for m in module.modules():
-            for name, p in list(m._parameters.items()):
-                if p is not None and p.is_inference():
-                    m._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
-            for name, b in list(m._buffers.items()):
-                if b is not None and b.is_inference():
-                    m._buffers[name] = b.clone()
-    return module
 
 
 def check_inputs(image: torch.Tensor, mask: torch.Tensor | None, ddpm, skip_timesteps: int,
@@ -91,9 +76,9 @@ def edit(ddpm, image: torch.Tensor, mask: torch.Tensor | None, guide: Guide, *,
     device, size, k = ddpm.device, ddpm.image_size, ddpm.num_steps - skip_timesteps
     outputs = []
     with grad_mode():
-        thaw(ddpm.model)
+        ddpm.thaw()
         if guide.clip is not None:
-            thaw(guide.clip.model)
+            guide.clip.thaw()
         for b in range(image.shape[0]):
             img = image[b:b + 1].clone().to(device)
             m = mask[min(b, mask.shape[0] - 1)].clone().to(device)

@@ -9,7 +9,7 @@ import torch
 from ..models import apps
 from . import host
 from .common import (CATEGORY, CLIP_T, DDPM_T, MAX_SEED, bchw_to_image, image_to_bchw, mask_to_bhw,
-                     resize_mask, same_device, usable)
+                     resize_mask, same_device)
 
 log = logging.getLogger(__name__)
 DIRECTIONS = ("left", "right", "up", "down")
@@ -53,7 +53,6 @@ class RankByCLIP:
     def rank(self, images, clip, prompt="", top_k=0, mask=None):
         x = image_to_bchw(images)
         m = None if mask is None else _per_result(resize_mask(mask_to_bhw(mask), x.shape[-2:]), x.shape[0], "mask")
-        usable(clip=clip)
         order, scores = apps.rank(clip, x, m, prompt.strip())
         if top_k > 0:
             order = order[:top_k]
@@ -108,7 +107,6 @@ class Extrapolate:
         if any(prompts.values()) and clip is None:
             raise ValueError("Extrapolate: prompts need a CLIP model: connect LoadCLIP to 'clip', or clear "
                              "the prompts to extend without guidance")
-        usable(ddpm, clip)
         if clip is not None:
             same_device(ddpm, clip)
         bar = host.progress(1, "Extrapolate")
@@ -164,8 +162,6 @@ class BlendedDiffusionEvaluate:
                              f"{x.shape[-1]}x{x.shape[-2]}: evaluate results against the image they were made from")
         src = _per_result(src, n, "source image")
         m = _per_result(resize_mask(mask_to_bhw(mask), x.shape[-2:]), n, "mask")
-        if clip is not None:
-            usable(clip=clip)
         rows = apps.evaluate(x, src, m, clip, prompt.strip())
         report = json.dumps([{"index": i, **r} for i, r in enumerate(rows)], indent=1)
         return {"ui": {"text": [report]}, "result": (report,)}

@@ -78,17 +78,6 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
                                            align_corners=False)[:, 0].clamp(0, 1)
 
 
-def usable(ddpm: DDPM | None = None, clip=None) -> None:
-    """Make models usable for autograd after the host touched them in inference mode: schedule
-    tensors and cached text embeddings created or moved under torch.inference_mode() are
-    replaced by normal copies (the engine's ``thaw`` does the same for the weights)."""
-    with torch.inference_mode(False):
-        if ddpm is not None:
-            ddpm.sched = {k: v.clone() if v.is_inference() else v for k, v in ddpm.sched.items()}
-        if clip is not None:
-            clip._text_cache = {k: v.clone() if v.is_inference() else v for k, v in clip._text_cache.items()}
-
-
 def same_device(ddpm: DDPM, clip) -> None:
     """Put the CLIP model on the DDPM's device (moved outside inference mode)."""
     if clip is not None and clip.device != ddpm.device:

@@ -10,7 +10,6 @@ from collections import OrderedDict
 import torch
 
 from ..models import ClipModel, DDPM, load_clip, load_ddpm
-from ..models.ddpm import make_diffusion, schedule_tensors
 from . import host
 from .common import CATEGORY, CLIP_T, DDPM_T
 
@@ -71,14 +70,9 @@ def _cached(kind: str, path: str, variant: tuple, load, rebuild):
 def get_ddpm(path: str, respacing: str = "100", precision: str = "fp32") -> DDPM:
     respacing = str(respacing).strip()
 
-    def rebuild(base: DDPM) -> DDPM:
-        cfg = base.config
-        diffusion = make_diffusion(respacing, noise_schedule="cosine" if cfg["image_size"] == 64 else "linear",
-                                   learn_sigma=base.learn_sigma)
-        return DDPM(base.model, diffusion, cfg, precision, base.path, schedule_tensors(diffusion, base.device))
-
     return _cached("ddpm", path, (respacing, precision),
-                   lambda dev: load_ddpm(path, respacing=respacing, precision=precision, device=dev), rebuild)
+                   lambda dev: load_ddpm(path, respacing=respacing, precision=precision, device=dev),
+                   lambda base: base.respaced(respacing, precision))
 
 
 def get_clip(path: str, precision: str = "fp32") -> ClipModel:

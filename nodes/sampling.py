@@ -13,7 +13,7 @@ from ..models.edit import check_inputs
 from ..models.region import crop, plan_box
 from . import host
 from .common import (AUGMENT_T, BLEND_T, CATEGORY, CLIP_T, DDPM_T, MAX_SEED, NOISE_T, STEP_T, BlendRule,
-                     GuidedStep, NoiseState, bchw_to_image, image_to_bchw, mask_to_bhw, same_device, usable)
+                     GuidedStep, NoiseState, bchw_to_image, image_to_bchw, mask_to_bhw, same_device)
 
 log = logging.getLogger(__name__)
 CONTEXT = 0.25  # context around the mask's box, as edit() uses by default
@@ -266,7 +266,6 @@ class BlendedDiffusionSampler:
         else:
             m = None if mask is None else mask_to_bhw(mask)
         image, m = check_inputs(image, m, ddpm, noise.skip_timesteps, batch_size)
-        usable(ddpm, guide.clip)
         same_device(ddpm, guide.clip)
         k = ddpm.num_steps - noise.skip_timesteps
         n_images = image.shape[0]

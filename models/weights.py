@@ -72,13 +72,14 @@ class WeightFile:
         return f"{self.sha256_prefix}…{self.sha256_suffix}" if self.has_checksum else "(none published)"
 
 
-# The guided-diffusion 256x256 unconditional model: its sha256 (a37c32ff…c78b1) is the one published with
-# it and recorded by several public download scripts, size 2,211,383,297 bytes.
+# The guided-diffusion 256x256 unconditional model. Its full sha256 (a37c32ff…c78b1) is the one recorded by
+# several public download scripts (e.g. Disco Diffusion's model map); the file is reported as 2,211,383,297
+# bytes, not enforced here (the sha256 decides).
 DDPM_256 = WeightFile(
     name="256x256_diffusion_uncond.pt", folder="ddpm",
     url="https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt",
     description="guided-diffusion 256x256 unconditional ImageNet model (the paper's model)",
-    sha256="a37c32fffd316cd494cf3f35b339936debdc1576dad13fe57c42399a5dbc78b1", size=2_211_383_297)
+    sha256="a37c32fffd316cd494cf3f35b339936debdc1576dad13fe57c42399a5dbc78b1")
 # The class-conditional 512x512 model of the official --model_output_size 512. No checksum is published
 # for it: the download is checked against the server's Content-Length only (and the loader checks the
 # tensors).

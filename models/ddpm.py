@@ -10,11 +10,16 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
+import warnings
+
 import numpy as np
 import torch
-from guided_diffusion import gaussian_diffusion as gd
-from guided_diffusion.respace import SpacedDiffusion, space_timesteps
-from guided_diffusion.unet import UNetModel
+
+with warnings.catch_warnings():  # guided_diffusion.nn uses the deprecated torch.cuda.amp decorators
+    warnings.simplefilter("ignore", FutureWarning)
+    from guided_diffusion import gaussian_diffusion as gd
+    from guided_diffusion.respace import SpacedDiffusion, space_timesteps
+    from guided_diffusion.unet import UNetModel
 
 from .checkpoint import CheckpointError, describe, read_state_dict
 

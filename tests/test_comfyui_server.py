@@ -408,6 +408,36 @@ def test_example_images_offered_by_loadimage(server):
     assert not missing, f"images the workflows load but LoadImage does not offer: {missing}"
 
 
+def test_template_browser_serves_ui_workflows(server):
+    """ComfyUI offers the pack's workflows/*.json in its template browser and serves each file."""
+    ui = sorted(p for p in (ROOT / "workflows").glob("*.json")) if (ROOT / "workflows").is_dir() else []
+    if not ui:
+        pytest.skip("workflows/ holds no UI workflow yet")
+    listed = server.get("/workflow_templates").get(PACK_NAME, [])
+    assert sorted(listed) == sorted(p.stem for p in ui), listed
+    for p in ui:
+        url = f"/api/workflow_templates/{PACK_NAME}/{p.name}"
+        try:
+            served = server.get(url)
+        except urllib.error.HTTPError as e:
+            pytest.fail(f"GET {url} -> {e.code}: ComfyUI serves /api/workflow_templates/<pack>/ from the "
+                        f"first of example_workflows/, example/, examples/, workflow/, workflows/ that exists "
+                        f"in the pack, so the template browser lists {p.name} but cannot open it")
+        assert served == json.loads(p.read_text()), url
+
+
+def test_web_extension_served(server):
+    js = sorted((ROOT / "web").rglob("*.js")) if (ROOT / "web").is_dir() else []
+    if not js:
+        pytest.skip("the pack has no web extension")
+    listed = server.get("/extensions")
+    for f in js:
+        url = f"/extensions/{PACK_NAME}/{f.relative_to(ROOT / 'web').as_posix()}"
+        assert url in listed, (url, [u for u in listed if PACK_NAME in u])
+        with urllib.request.urlopen(server.url(url), timeout=30) as r:
+            assert r.read() == f.read_bytes(), url
+
+
 @pytest.mark.parametrize("workflow", WORKFLOWS or [None], ids=lambda p: p.stem if p else "none")
 def test_api_workflow_runs(server, ws, workflow):
     if workflow is None:

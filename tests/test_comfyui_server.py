@@ -240,6 +240,21 @@ def _set_steps(prompt, object_info, respacing, skip, strength, batch=1, views=2,
     return prompt
 
 
+def _unprovided_models(prompt, object_info):
+    """Files that core (non-pack) loaders of `prompt` ask for and ComfyUI does not offer."""
+    missing = []
+    for node in prompt.values():
+        info = object_info.get(node["class_type"], {})
+        if PACK_NAME in str(info.get("python_module", "")) or node["class_type"] in (
+                "LoadImage", "LoadImageMask"):
+            continue
+        for name, spec in _input_specs(info).items():
+            value, opts = node["inputs"].get(name), _combo_options(spec)
+            if isinstance(value, str) and opts is not None and value not in opts:
+                missing.append(f"{node['class_type']}.{name}={value}")
+    return missing
+
+
 def _load_workflow(path):
     prompt = json.loads(path.read_text())
     if "prompt" in prompt and isinstance(prompt["prompt"], dict):
@@ -442,6 +457,9 @@ def test_web_extension_served(server):
 def test_api_workflow_runs(server, ws, workflow):
     if workflow is None:
         pytest.skip("workflows/api/ holds no workflow yet")
+    missing = _unprovided_models(_load_workflow(workflow), server.object_info)
+    if missing:  # e.g. the NULL-text workflows load a full Stable Diffusion 1.x checkpoint
+        pytest.skip(f"needs model files that have no tiny stand-in here: {missing}")
     prompt = _set_steps(_load_workflow(workflow), server.object_info, **FAST)
     pid, entry, messages = _run(server, ws, prompt)
     assert entry["status"]["status_str"] == "success", _error_text(entry, messages, server)

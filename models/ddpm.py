@@ -68,8 +68,10 @@ def infer_unet_config(sd: dict[str, torch.Tensor], image_size: int | None = None
     num_classes = sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else None
     size = image_size or SIZE_BY_MULT.get(mult)
     if size is None:
-        raise CheckpointError(f"cannot tell the image size of a UNet with channel_mult {mult}; "
-                              "give image_size explicitly")
+        raise CheckpointError(f"unknown architecture: channel_mult {mult} is none of the published "
+                              "guided-diffusion models (64, 128, 256 or 512 px), so its image size is "
+                              "unknown; expected e.g. 256x256_diffusion_uncond.pt (from Python: pass "
+                              "image_size to load_ddpm)")
     # Head layout is not stored in the weights: the published 128x128 model uses 4 heads,
     # every other published model 64 channels per head.
     heads = dict(num_heads=4, num_head_channels=-1) if (size == 128 and ch == 256) else \
@@ -217,6 +219,9 @@ def make_diffusion(respacing: str = "100", steps: int = 1000, noise_schedule: st
     except (ValueError, TypeError) as e:
         raise ValueError(f"timestep respacing {respacing!r} is not valid ({e}); use e.g. '100', "
                          "'ddim50' or '10,10,10'") from None
+    if not use or (not respacing.startswith("ddim") and any(int(c) < 0 for c in respacing.split(","))):
+        raise ValueError(f"timestep respacing {respacing!r} keeps no denoising step: give at least 1 "
+                         f"(and at most {steps}), e.g. '100', 'ddim50' or '10,10,10'")
     return SpacedDiffusion(
         use_timesteps=use, betas=gd.get_named_beta_schedule(noise_schedule, steps),
         model_mean_type=gd.ModelMeanType.EPSILON,

@@ -101,7 +101,10 @@ def load_clip(path: str, device="cpu", precision: str = "fp32") -> ClipModel:
             model.load_state_dict(sd)
             model.to(device)
     except Exception as e:
-        raise CheckpointError(f"{path}: unknown CLIP architecture ({str(e).splitlines()[0][:200]})") from None
+        detail = (f"missing tensor {e.args[0]!r}" if isinstance(e, KeyError) else
+                  " ".join(line.strip() for line in str(e).splitlines()[:2])[:200])
+        raise CheckpointError(f"{path}: unknown CLIP architecture ({detail}); expected an OpenAI-format "
+                              "CLIP such as ViT-B-16.pt") from None
     log.info("loaded CLIP %s: input %s px, embed dim %d", path, model.visual.image_size,
              model.text_projection.shape[1])
     return ClipModel(model, path, precision)

@@ -21,6 +21,13 @@ def grad_mode():
         yield
 
 
+def check_finite(x: torch.Tensor) -> None:
+    """A sample that overflowed (huge guidance weights, fp16) is an error, not a black image."""
+    if not torch.isfinite(x).all():
+        raise ValueError("the sampler produced NaN or infinite values: lower clip_lambda / range_lambda / "
+                         "the background weights, or use fp32 precision")
+
+
 def check_inputs(image: torch.Tensor, mask: torch.Tensor | None, ddpm, skip_timesteps: int,
                  batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Shapes, ranges and numbers, checked before any work; returns (image, mask) normalised."""
@@ -100,14 +107,16 @@ def edit(ddpm, image: torch.Tensor, mask: torch.Tensor | None, guide: Guide, *,
                         x_start=None if x_start is None else x_start[done:done + n].to(device),
                         callback=callback)
                 except torch.OutOfMemoryError:
-                    if n == 1:
-                        raise RuntimeError("out of memory with a batch of 1: use a smaller model, "
-                                           "fp16/bf16 precision, or fewer augmentation views") from None
+                    if n == 1:  # still an OutOfMemoryError, so hosts run their own OOM handling
+                        raise torch.OutOfMemoryError(
+                            "out of memory with a batch of 1: use a smaller model, fp16/bf16 "
+                            "precision, or fewer augmentation views") from None
                     chunk = max(1, n // 2)
                     log.warning("out of memory at batch %d: retrying in batches of %d", n, chunk)
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                     continue
+                check_finite(x0)
                 # Algorithm 1 without enforcement changes the whole working crop, not just the mask
                 keep = m if (blend or enforce_background) else torch.ones_like(m)
                 outputs.append(paste(img, (x0.detach() + 1) / 2, box, keep[None, None]).cpu())

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .blended import blended_diffusion, generators
 from .clip import ClipModel, d_clip
-from .edit import grad_mode
+from .edit import check_finite, grad_mode
 from .guidance import Guide, lpips_model
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,8 @@ def extrapolate(ddpm, clip: ClipModel | None, image: torch.Tensor, prompts: dict
             j = 0
             while c.shape[-1] < target:
                 win = c[..., -(S - q):]                                  # last 3/4 of a window
+                if win.shape[-1] < S - q:  # a canvas narrower than that: replicate its first column
+                    win = F.pad(win, (S - q - win.shape[-1], 0, 0, 0), mode="replicate")
                 win = torch.cat([win, win[..., -q:].flip(-1)], dim=-1)   # reflection-pad a quarter
                 m = torch.zeros_like(win[:, :1])
                 m[..., -q:] = 1
@@ -127,6 +129,7 @@ def extrapolate(ddpm, clip: ClipModel | None, image: torch.Tensor, prompts: dict
                 mm, _ = _pad_to(m, multiple)
                 x0 = blended_diffusion(ddpm, src.to(dev), mm.to(dev), guide, k,
                                        generators(seed, stage, 1), ddim=ddim, callback=callback)
+                check_finite(x0)
                 new = ((x0[..., :hh, -q:].cpu() + 1) / 2).clamp(0, 1)
                 c = torch.cat([c, new], dim=-1)
                 kn = torch.cat([kn, torch.zeros_like(new[:, :1])], dim=-1)

@@ -8,8 +8,8 @@ import torch
 
 from ..models import apps
 from . import host
-from .common import (CATEGORY, CLIP_T, DDPM_T, MAX_SEED, bchw_to_image, image_to_bchw, mask_to_bhw,
-                     resize_mask, same_device)
+from .common import (CATEGORY, CLIP_T, DDPM_T, MAX_SEED, bchw_to_image, check_ranges, checked_image,
+                     image_to_bchw, mask_to_bhw, resize_mask, same_device)
 
 log = logging.getLogger(__name__)
 DIRECTIONS = ("left", "right", "up", "down")
@@ -51,6 +51,7 @@ class RankByCLIP:
     DESCRIPTION = "Ranks images by CLIP distance of the masked region to the prompt (paper §4.2.3), best first."
 
     def rank(self, images, clip, prompt="", top_k=0, mask=None):
+        check_ranges(RankByCLIP, top_k=top_k)
         x = image_to_bchw(images)
         m = None if mask is None else _per_result(resize_mask(mask_to_bhw(mask), x.shape[-2:]), x.shape[0], "mask")
         order, scores = apps.rank(clip, x, m, prompt.strip())
@@ -101,6 +102,8 @@ class Extrapolate:
 
     def extrapolate(self, image, ddpm, amount=0.5, seed=404, clip_lambda=1000.0, range_lambda=50.0,
                     num_views=8, sampler="DDPM", clip=None, **sides):
+        check_ranges(Extrapolate, amount=amount, seed=seed, clip_lambda=clip_lambda, range_lambda=range_lambda,
+                     num_views=num_views)
         prompts = {d: sides.get(f"prompt_{d}", "").strip() for d in DIRECTIONS if sides.get(f"extend_{d}")}
         if not prompts:
             raise ValueError("Extrapolate: turn on at least one of extend_left/right/up/down")
@@ -115,10 +118,11 @@ class Extrapolate:
             bar.update(step_done, x0, total=total)
             host.check_interrupt()
 
+        images = checked_image(image, "Extrapolate")
         outs = []
         try:
-            for b in range(image.shape[0] if image.ndim == 4 else 1):
-                x = image_to_bchw(image)[b:b + 1].clamp(0, 1)
+            for b in range(images.shape[0]):
+                x = images[b:b + 1]
                 with torch.inference_mode(False):
                     x = x.clone()
                 outs.append(apps.extrapolate(ddpm, clip, x, prompts, amount, seed=seed, clip_lambda=clip_lambda,

@@ -4,12 +4,14 @@ ComfyUI IMAGE = [B, H, W, C] float 0..1, MASK = [B, H, W] or [H, W] float 0..1; 
 [B, 3, H, W] images and [B|1, H, W] masks."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from ..models import DDPM, Guide
 
+log = logging.getLogger(__name__)
 CATEGORY = "Blended Diffusion"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
@@ -43,15 +45,43 @@ class BlendRule:
 
 
 def image_to_bchw(image: torch.Tensor) -> torch.Tensor:
-    """IMAGE [B, H, W, C] (or [H, W, C]) → [B, 3, H, W] float."""
+    """IMAGE [B, H, W, C] (or [H, W, C]) → [B, 3, H, W] float. C = 1 (gray) or 2 (gray + alpha) is
+    repeated to RGB, C = 4 (RGBA) drops the alpha (the MASK carries the region)."""
     if image.ndim == 3:
         image = image[None]
-    if image.ndim != 4:
-        raise ValueError(f"expected an IMAGE [B, H, W, C], got shape {tuple(image.shape)}")
+    if image.ndim != 4 or image.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(f"expected an IMAGE [B, H, W, C] with C = 1, 3 or 4 channels, got shape "
+                         f"{tuple(image.shape)}")
     x = image.movedim(-1, 1).float()
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
+    if x.shape[1] <= 2:
+        x = x[:, :1].expand(-1, 3, -1, -1)
     return x[:, :3]
+
+
+def checked_image(image: torch.Tensor, node: str) -> torch.Tensor:
+    """IMAGE → [B, 3, H, W] in 0..1: NaN/inf refused, values outside 0..1 clamped with a warning."""
+    x = image_to_bchw(image)
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{node}: the image contains NaN or infinite values; check the node that produced it")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        log.warning("%s: image values span [%.3g, %.3g], outside 0..1: clamped", node, lo, hi)
+    return x.clamp(0, 1)
+
+
+def check_ranges(node_cls, **values) -> None:
+    """Validate INT/FLOAT inputs against the node's declared min/max, as ComfyUI does before running
+    a node; direct callers (the standalone runner, scripts) get the same error."""
+    spec = node_cls.INPUT_TYPES()
+    declared = {**spec.get("required", {}), **spec.get("optional", {})}
+    for name, value in values.items():
+        entry = declared.get(name)
+        if entry is None or entry[0] not in ("INT", "FLOAT") or len(entry) < 2:
+            continue
+        lo, hi = entry[1].get("min"), entry[1].get("max")
+        if not ((lo is None or value >= lo) and (hi is None or value <= hi)):  # NaN fails too
+            raise ValueError(f"{node_cls.__name__}: {name} = {value} is outside the allowed range "
+                             f"{lo}..{hi}")
 
 
 def bchw_to_image(x: torch.Tensor) -> torch.Tensor:

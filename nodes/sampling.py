@@ -13,7 +13,8 @@ from ..models.edit import check_inputs
 from ..models.region import crop, plan_box
 from . import host
 from .common import (AUGMENT_T, BLEND_T, CATEGORY, CLIP_T, DDPM_T, MAX_SEED, NOISE_T, STEP_T, BlendRule,
-                     GuidedStep, NoiseState, bchw_to_image, image_to_bchw, mask_to_bhw, same_device)
+                     GuidedStep, NoiseState, bchw_to_image, check_ranges, checked_image, image_to_bchw,
+                     mask_to_bhw, same_device)
 
 log = logging.getLogger(__name__)
 CONTEXT = 0.25  # context around the mask's box, as edit() uses by default
@@ -59,7 +60,8 @@ class NoiseImage:
     DESCRIPTION = "Noises the image to step k (the start of the blended loop; also SDEdit's start)."
 
     def noise(self, image, ddpm, skip_timesteps=25, strength=0.0, noise_seed=0, fixed_noise=False):
-        x = image_to_bchw(image).clamp(0, 1)
+        check_ranges(NoiseImage, skip_timesteps=skip_timesteps, strength=strength, noise_seed=noise_seed)
+        x = checked_image(image, "NoiseImage")
         skip = skip_for(ddpm.num_steps, skip_timesteps, strength)
         k = ddpm.num_steps - skip
         gen = torch.Generator().manual_seed(int(noise_seed) & (2**63 - 1))
@@ -102,6 +104,9 @@ class ExtendingAugment:
 
     def settings(self, num_views=8, degrees=15.0, translate=0.1, affine_p=0.7, distortion=0.7,
                  perspective_p=0.7, preview_seed=0, image=None):
+        check_ranges(ExtendingAugment, num_views=num_views, degrees=degrees, translate=translate,
+                     affine_p=affine_p, distortion=distortion, perspective_p=perspective_p,
+                     preview_seed=preview_seed)
         s = AugmentSettings(num_views=num_views, degrees=degrees, translate=translate, affine_p=affine_p,
                             distortion=distortion, perspective_p=perspective_p)
         size = 224
@@ -157,6 +162,8 @@ class CLIPGuidedStep:
 
     def step(self, ddpm, prompt="", clip_lambda=1000.0, range_lambda=50.0, lpips_lambda=0.0, l2_lambda=0.0,
              fast=False, clip=None, augment=None):
+        check_ranges(CLIPGuidedStep, clip_lambda=clip_lambda, range_lambda=range_lambda,
+                     lpips_lambda=lpips_lambda, l2_lambda=l2_lambda)
         if prompt.strip() and clip is None and clip_lambda != 0:
             raise ValueError("CLIPGuidedStep: a prompt needs a CLIP model: connect a LoadCLIP node to "
                              "'clip', or clear the prompt for unguided filling (object removal)")
@@ -205,7 +212,12 @@ class MaskBlend:
                    "outside the mask the source is kept exactly.")
 
     def blend(self, mask, invert=False, feather=0, enforce_background=True, source=None):
-        m = mask_to_bhw(mask).clamp(0, 1)
+        check_ranges(MaskBlend, feather=feather)
+        m = mask_to_bhw(mask)
+        if not torch.isfinite(m).all():
+            log.warning("MaskBlend: the mask has NaN or infinite values: NaN counts as 0 (kept), inf as 1")
+            m = torch.nan_to_num(m, nan=0.0, posinf=1.0, neginf=0.0)
+        m = m.clamp(0, 1)
         if invert:
             m = 1 - m
         m = feather_mask(m, feather)
@@ -250,6 +262,7 @@ class BlendedDiffusionSampler:
     DESCRIPTION = "Runs the blended loop (Blended Diffusion) and returns the edited images."
 
     def sample(self, noise, step, seed=404, batch_size=4, sampler="DDPM", class_label=-1, blend=None, mask=None):
+        check_ranges(BlendedDiffusionSampler, seed=seed, batch_size=batch_size, class_label=class_label)
         ddpm, guide = step.ddpm, step.guide
         if noise.num_steps != ddpm.num_steps:
             raise ValueError(f"NoiseImage was made for {noise.num_steps} steps but CLIPGuidedStep's DDPM has "

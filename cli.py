@@ -217,10 +217,22 @@ def count_steps(respacing: str) -> int:
     """Number of respaced steps, checked before any model is loaded."""
     from guided_diffusion.respace import space_timesteps
     try:
-        return len(space_timesteps(1000, respacing))
+        n = len(space_timesteps(1000, respacing))
     except (ValueError, TypeError) as e:
         raise CLIError(f"--timestep_respacing {respacing!r}: {e}. Use a number of steps such as 100, "
                        "'ddim50', or comma-separated counts per section") from None
+    if n == 0 or (not respacing.startswith("ddim") and any(int(c) < 0 for c in respacing.split(","))):
+        raise CLIError(f"--timestep_respacing {respacing!r} keeps no denoising step: use 1 to 1000 steps, "
+                       "e.g. 100 or 'ddim50'")
+    return n
+
+
+def check_weights(args, names: tuple[str, ...]) -> None:
+    """Loss weights are >= 0 (a negative CLIP weight would push the region away from the prompt)."""
+    for name in names:
+        value = getattr(args, name)
+        if not value >= 0 or value == float("inf"):  # NaN and inf fail too
+            raise CLIError(f"--{name} = {value}: it must be a finite number >= 0 (0 turns the term off)")
 
 
 def weight_path(explicit: str | None, key: str, offline: bool) -> Path:
@@ -228,7 +240,9 @@ def weight_path(explicit: str | None, key: str, offline: bool) -> Path:
     if explicit:
         p = Path(explicit).expanduser()
         if not p.is_file():
-            raise CLIError(f"{explicit}: file not found")
+            what = ("--clip expects an OpenAI CLIP checkpoint such as ViT-B-16.pt" if key == "clip" else
+                    "--model expects a guided-diffusion checkpoint such as 256x256_diffusion_uncond.pt")
+            raise CLIError(f"{explicit}: file not found ({what})")
         return p
     return weights.ensure(key, download=not offline)
 
@@ -447,6 +461,7 @@ def cmd_edit(args) -> int:
             raise CLIError(f"--{name} = {getattr(args, name)}: it must be at least 1")
     if args.skip_timesteps < 0:
         raise CLIError(f"--skip_timesteps = {args.skip_timesteps}: it must be >= 0")
+    check_weights(args, ("clip_guidance_lambda", "range_lambda", "lpips_sim_lambda", "l2_sim_lambda"))
     steps = count_steps(args.timestep_respacing)
     if args.skip_timesteps >= steps:
         raise CLIError(f"--skip_timesteps {args.skip_timesteps} with --timestep_respacing "
@@ -627,6 +642,7 @@ def cmd_extrapolate(args) -> int:
         raise CLIError("name at least one side to extend: --left/--right/--up/--down PROMPT")
     if args.aug_num < 1:
         raise CLIError(f"--aug_num = {args.aug_num}: it must be at least 1")
+    check_weights(args, ("clip_guidance_lambda", "range_lambda"))
     if Path(args.output_file).name != args.output_file:
         raise CLIError(f"-o/--output_file {args.output_file!r} must be a file name; use --output_path")
     count_steps(args.timestep_respacing)
@@ -917,6 +933,13 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             log.warning("interrupted")
             return 130
+        except RuntimeError as e:  # torch.OutOfMemoryError and the backends' out-of-memory errors
+            if "out of memory" not in str(e).lower():
+                raise
+            if args.verbose:
+                log.exception("error")
+            log.error("error: %s", str(e).splitlines()[0])
+            return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

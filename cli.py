@@ -934,8 +934,8 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("interrupted")
             return 130
         except RuntimeError as e:  # torch.OutOfMemoryError and the backends' out-of-memory errors
-            if "out of memory" not in str(e).lower():
-                raise
+            if not any(m in str(e).lower() for m in ("out of memory", "can't allocate memory")):
+                raise  # (the second: torch's CPU allocator)
             if args.verbose:
                 log.exception("error")
             log.error("error: %s", str(e).splitlines()[0])

@@ -4,6 +4,7 @@ bd_scene.png            512x384 RGB scene: sky, sun, hills, a house and a red ba
 bd_scene_mask.png       the same with alpha 0 around the ball: core LoadImage gives MASK = 1 there
                         (the region to edit).
 bd_scene_scribble.png   a crude green/brown tree scribbled on the grass, alpha 0 around it (scribble-guided edit).
+bd_scene_sky.png        the scene with alpha 0 over an empty patch of sky (a third mask for editing sessions).
 """
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def main():
     d.ellipse((215, 190, 290, 262), fill=(40, 130, 35), outline=(25, 95, 25), width=6)  # crown
     d.line([(225, 230), (280, 215), (230, 205)], fill=(30, 120, 30), width=8)
     with_alpha(s, (195, 170, 310, 345)).save(HERE / "bd_scene_scribble.png", optimize=True)
+    with_alpha(im, (215, 25, 375, 145)).save(HERE / "bd_scene_sky.png", optimize=True)
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ class StandaloneImagePadForOutpaint:
             v = (feathering - d) / feathering
             t = torch.where(d < feathering, v * v, t)
         mask[top:top + h, left:left + w] = t
-        return new, mask
+        return new, mask[None]  # [1, H, W] as core returns it
 
 
 CORE_STANDINS = {

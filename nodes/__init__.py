@@ -2,6 +2,8 @@
 from . import host
 from .apps import BlendedDiffusionEvaluate, Extrapolate, RankByCLIP
 from .loaders import LoadCLIP, LoadDDPM
+from .nulltext import NODE_CLASS_MAPPINGS as _NULLTEXT_NODES
+from .nulltext import NODE_DISPLAY_NAME_MAPPINGS as _NULLTEXT_NAMES
 from .sampling import BlendedDiffusionSampler, CLIPGuidedStep, ExtendingAugment, MaskBlend, NoiseImage
 
 host.register()
@@ -17,6 +19,7 @@ NODE_CLASS_MAPPINGS = {
     "RankByCLIP": RankByCLIP,
     "Extrapolate": Extrapolate,
     "BlendedDiffusionEvaluate": BlendedDiffusionEvaluate,
+    **_NULLTEXT_NODES,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -30,6 +33,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "RankByCLIP": "Rank by CLIP",
     "Extrapolate": "Extrapolate (text-guided)",
     "BlendedDiffusionEvaluate": "Evaluate Edit (CLIP, LPIPS, background)",
+    **_NULLTEXT_NAMES,
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,854 @@
+"""NULL-text inversion and editing of real images with ComfyUI's own Stable Diffusion MODEL / CLIP / VAE.
+
+Invert once (``NullTextInvert``: DDIM inversion at guidance 1, then NULL-text optimisation at the edit
+guidance), keep the result (``SaveInversion`` / ``LoadInversion``: one .safetensors file), and edit many
+times from it: prompt-to-prompt (``NullTextEdit``), SDEdit (``NullTextSDEdit``), and the supplement's
+fidelity/editability sweep (``FidelityCurve``).
+
+The algorithms are the pure-torch core (models/nulltext.py, models/p2p.py); this module only adapts the
+host's objects to the core's protocol ``eps(x_t, t, context)``:
+- DDIM schedule from the model's own ``model_sampling``: ᾱ = 1 / (σ² + 1);
+- ε from ``BaseModel.apply_model`` (which takes x in σ-space and returns the denoised x̂0):
+  x_in = x·sqrt(1 + σ²), ε = (x_in − x̂0) / σ — right for ε- and v-prediction models;
+- latents in the model's space (``process_latent_in`` after the VAE, ``process_latent_out`` before it);
+- prompt-to-prompt through ``set_model_attn1_replace`` / ``set_model_attn2_replace`` on a clone of the
+  MODEL (the incoming model is never modified);
+- the core's own DDIM loop (not KSampler), CFG batch order [uncond, cond].
+SD1.x / SD2.x models only (4-channel latents, one cross-attention context, a discrete schedule).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..models import nulltext as nt
+from ..models import p2p
+from ..models.ddpm import thaw
+from . import host
+from .common import CATEGORY, CLIP_T, DDPM_T, MAX_SEED, bchw_to_image, image_to_bchw, mask_to_bhw, resize_mask
+
+log = logging.getLogger(__name__)
+
+NT_CATEGORY = f"{CATEGORY}/NULL-text"
+INVERSION_T = "BD_INVERSION"
+FORMAT = "blended_diffusion.nulltext_inversion"
+FORMAT_VERSION = "1"
+MODES = ["replace", "refine", "reweight"]
+SD_TOOLTIPS = {
+    "model": "The Stable Diffusion 1.x/2.x MODEL (e.g. from Load Checkpoint). Use the model the inversion "
+             "was made with.",
+    "clip": "The checkpoint's CLIP text encoder (from Load Checkpoint).",
+    "vae": "The checkpoint's VAE (from Load Checkpoint).",
+    "inversion": "The inversion to edit (NULL-text Invert, or Load Inversion).",
+}
+
+
+# --------------------------------------------------------------------------------------------- the type
+@dataclass
+class Inversion:
+    """NullTextInvert's output (the custom type BD_INVERSION).
+
+    latents: the pivot trajectory z*_0 … z*_N ([1, 4, h, w] each, float32, CPU, in the model's latent
+    space); nulls: the N per-step null embeddings (sampling-step order), or one for all steps (global);
+    cond / uncond: the caption's and the empty prompt's contexts [1, L, D]; alphas_cumprod: the training
+    schedule the trajectory was made on; source: the image that was encoded (IMAGE [1, H, W, 3])."""
+    latents: list
+    nulls: list
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    alphas_cumprod: torch.Tensor
+    prompt: str
+    guidance: float
+    source: torch.Tensor
+    is_global: bool = False
+    inner_steps: int = 10
+    losses: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return len(self.latents) - 1
+
+    def schedule(self) -> nt.DDIMSchedule:
+        return nt.DDIMSchedule(self.steps, alphas_cumprod=self.alphas_cumprod)
+
+    def step_nulls(self) -> list:
+        """One null embedding per sampling step (the global one repeated)."""
+        return list(self.nulls) if len(self.nulls) == self.steps else [self.nulls[0]] * self.steps
+
+    # ---- file format: tensors + JSON metadata in one .safetensors
+    def to_file(self, path: Path) -> None:
+        from safetensors.torch import save_file
+        tensors = {"latents": torch.cat(self.latents), "nulls": torch.cat(self.nulls), "cond": self.cond,
+                   "uncond": self.uncond, "alphas_cumprod": self.alphas_cumprod, "source": self.source}
+        with torch.inference_mode(False):
+            tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "prompt": self.prompt, "steps": str(self.steps),
+                "guidance": repr(float(self.guidance)), "global": json.dumps(self.is_global),
+                "inner_steps": str(self.inner_steps), "losses": json.dumps(self.losses),
+                "info": json.dumps(self.info)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "Inversion":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                t = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise ValueError(f"{path} is not a readable .safetensors file ({e}): save it again with "
+                             "Save Inversion") from None
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a NULL-text inversion saved by Save Inversion "
+                             f"(metadata format = {meta.get('format')!r})")
+        if meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path} has inversion format version {meta.get('version')!r}; this pack reads "
+                             f"version {FORMAT_VERSION}: invert the image again")
+        missing = {"latents", "nulls", "cond", "uncond", "alphas_cumprod", "source"} - set(t)
+        if missing:
+            raise ValueError(f"{path} lacks the tensors {sorted(missing)}: invert the image again")
+        steps = int(meta["steps"])
+        is_global = json.loads(meta["global"])
+        lat, nulls = t["latents"], t["nulls"]
+        if lat.ndim != 4 or lat.shape[0] != steps + 1 or nulls.ndim != 3 or \
+                nulls.shape[0] != (1 if is_global else steps) or nulls.shape[1:] != t["cond"].shape[1:]:
+            raise ValueError(f"{path}: tensor shapes do not fit a {steps}-step inversion "
+                             f"(latents {tuple(lat.shape)}, nulls {tuple(nulls.shape)}): the file is damaged")
+        return cls(latents=list(lat.float().split(1)), nulls=list(nulls.float().split(1)),
+                   cond=t["cond"].float(), uncond=t["uncond"].float(),
+                   alphas_cumprod=t["alphas_cumprod"].double(), prompt=meta.get("prompt", ""),
+                   guidance=float(meta["guidance"]), source=t["source"].float(), is_global=is_global,
+                   inner_steps=int(meta.get("inner_steps", 10)), losses=json.loads(meta.get("losses", "[]")),
+                   info=json.loads(meta.get("info", "{}")))
+
+
+# --------------------------------------------------------------------------------------------- host glue
+class SDModel:
+    """A ComfyUI MODEL as the core's ``eps(x_t, t, context)``, loaded on its device.
+
+    With a controller (prompt-to-prompt) the MODEL is cloned and every transformer block's self- and
+    cross-attention is replaced by the controller's patch; the incoming MODEL is left as it was."""
+
+    def __init__(self, model, controller=None, grad: bool = False):
+        import comfy.model_management as mm  # the host's loader (this class only runs inside ComfyUI)
+        self.patcher = model.clone() if controller is not None else model
+        if controller is not None:
+            for name, number in p2p.comfy_block_keys():
+                self.patcher.set_model_attn1_replace(p2p.attention_patch(controller, False), name, number)
+                self.patcher.set_model_attn2_replace(p2p.attention_patch(controller, True), name, number)
+        self.base = self.patcher.model
+        check_sd(self.base)
+        mm.load_models_gpu([self.patcher])
+        if grad:  # ComfyUI builds and moves models in inference mode: autograd cannot save those weights
+            thaw(self.base.diffusion_model)
+        self.device = self.patcher.load_device
+        ms = self.patcher.get_model_object("model_sampling")
+        sigmas = getattr(ms, "sigmas", None)
+        if sigmas is None or sigmas.ndim != 1 or sigmas.numel() < 2:
+            raise ValueError("this MODEL has no discrete noise schedule (model_sampling.sigmas): NULL-text "
+                             "inversion needs an SD1.x/SD2.x checkpoint")
+        with torch.inference_mode(False):
+            self.sigmas = sigmas.detach().float().clone().to(self.device)
+            self.alphas_cumprod = (1.0 / (sigmas.detach().double().cpu() ** 2 + 1)).clone()
+
+    def schedule(self, steps: int) -> nt.DDIMSchedule:
+        return nt.DDIMSchedule(steps, alphas_cumprod=self.alphas_cumprod)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        sigma = self.sigmas[t.to(self.sigmas.device)].to(x.device)
+        s = sigma.view(-1, 1, 1, 1).to(x.dtype)
+        x_in = x * (1 + s * s).sqrt()
+        options = dict(self.patcher.model_options.get("transformer_options", {}))  # the UNet writes into it
+        denoised = self.base.apply_model(x_in, sigma, c_crossattn=context, transformer_options=options)
+        return (x_in - denoised.to(x.dtype)) / s
+
+    def to_model(self, z: torch.Tensor) -> torch.Tensor:
+        return z.to(self.device, torch.float32)
+
+    def decode(self, vae, z: torch.Tensor) -> torch.Tensor:
+        """Model-space latents → IMAGE [B, H, W, 3]."""
+        with torch.no_grad():
+            img = vae.decode(self.base.process_latent_out(z.float()).to(torch.float32))
+        return img.float().cpu().clamp(0, 1)[..., :3]
+
+    def preview(self, z: torch.Tensor) -> torch.Tensor | None:
+        """A cheap RGB view of the last latent of a batch (the edit; [1, 3, 8h, 8w] in [−1, 1]) from the latent
+        format's factors."""
+        fmt = getattr(self.base, "latent_format", None)
+        factors = getattr(fmt, "latent_rgb_factors", None)
+        if factors is None:
+            return None
+        w = torch.tensor(factors, dtype=torch.float32, device=z.device)
+        if w.shape[0] != z.shape[1]:
+            return None
+        rgb = torch.einsum("bchw,cr->brhw", z[-1:].float(), w)
+        bias = getattr(fmt, "latent_rgb_factors_bias", None)
+        if bias is not None:
+            rgb = rgb + torch.tensor(bias, dtype=torch.float32, device=z.device).view(1, -1, 1, 1)
+        return F.interpolate(rgb, scale_factor=8, mode="nearest").clamp(-1, 1)
+
+
+def check_sd(base) -> None:
+    """SD1.x / SD2.x only: a 4-channel latent UNet with one cross-attention context and no extra vector."""
+    unet = getattr(base, "diffusion_model", None)
+    cfg = getattr(getattr(base, "model_config", None), "unet_config", {}) or {}
+    name = type(getattr(base, "model_config", None)).__name__
+    if unet is None or not hasattr(unet, "input_blocks") or cfg.get("in_channels", 4) != 4 or \
+            cfg.get("adm_in_channels") or getattr(base, "adm_channels", 0):
+        raise ValueError(f"NULL-text inversion supports Stable Diffusion 1.x/2.x checkpoints; this MODEL is "
+                         f"{name}: load an SD1.5/SD2.1 checkpoint with Load Checkpoint")
+
+
+def encode_text(clip, text: str) -> torch.Tensor:
+    """A prompt's cross-attention context [1, L, D] (float32, CPU); one 77-token chunk."""
+    tokens = clip.tokenize(text)
+    for key, chunks in tokens.items():
+        if len(chunks) != 1:
+            raise ValueError(f"the prompt {text!r} is longer than one 77-token chunk of the text encoder: "
+                             "shorten it (NULL-text inversion and prompt-to-prompt use a single chunk)")
+    out = clip.encode_from_tokens(tokens)
+    cond = out[0] if isinstance(out, (tuple, list)) else out
+    with torch.inference_mode(False):
+        return cond.detach().float().cpu().clone()
+
+
+def tokenized(clip, text: str) -> p2p.TokenizedPrompt:
+    """The prompt's words and BPE tokens for prompt-to-prompt, checked against the host's own tokenizer
+    (so the token positions the controller edits are the ones the text encoder sees)."""
+    tp = p2p.tokenize(text)
+    tokens = clip.tokenize(text)
+    seq = next(iter(tokens.values()))[0]
+    ids, weights = [], []
+    for item in seq:
+        tok = item[0]
+        ids.append(int(tok) if not torch.is_tensor(tok) or tok.numel() == 1 else -1)
+        weights.append(float(item[1]))
+    end = ids.index(p2p.EOT, 1) if p2p.EOT in ids[1:] else len(ids)
+    flat = [t for w in tp.tokens for t in w]
+    if ids[:1] != [p2p.SOT] or ids[1:end] != flat or any(w != 1.0 for w in weights[:end + 1]):
+        raise ValueError(f"prompt-to-prompt needs plain prompts: {text!r} uses prompt weights, embeddings or "
+                         "text the tokenizers split differently; remove (word:weight) and embedding: syntax")
+    return tp
+
+
+def _words(text: str) -> list[str]:
+    return [w for w in re.split(r"[,\s]+", text.strip()) if w]
+
+
+def _callback(bar, offset: int, sd: SDModel | None = None):
+    """Core callback → progress (cumulative over stages) with a latent preview, and Cancel."""
+    def cb(done, _n, z):
+        bar.update(offset + done, None if sd is None else sd.preview(z))
+        host.check_interrupt()
+    return cb
+
+
+def _output_dir() -> Path:
+    try:
+        import folder_paths
+        return Path(folder_paths.get_output_directory())
+    except ImportError:
+        return Path(os.environ.get("BLENDED_DIFFUSION_OUTPUT", "output"))
+
+
+def _input_dir() -> Path | None:
+    try:
+        import folder_paths
+        return Path(folder_paths.get_input_directory())
+    except ImportError:
+        return None
+
+
+def _inversion_path(name: str, *, for_reading: bool) -> Path:
+    name = name.strip()
+    if not name:
+        raise ValueError("give a file name for the inversion (e.g. nulltext/my_photo)")
+    p = Path(name)
+    if p.suffix.lower() != ".safetensors":
+        p = p.with_name(p.name + ".safetensors")
+    if p.is_absolute():
+        return p
+    if ".." in p.parts:
+        raise ValueError(f"{name!r}: a relative name may not leave the output folder; give an absolute path")
+    candidates = [_output_dir() / p]
+    if for_reading and _input_dir() is not None:
+        candidates.append(_input_dir() / p)
+    if for_reading:
+        for c in candidates:
+            if c.is_file():
+                return c
+        raise FileNotFoundError(f"no inversion {p} in {' or '.join(str(c.parent) for c in candidates)}: save one "
+                                "with Save Inversion first, or give the file's absolute path")
+    return candidates[0]
+
+
+def _check_model(sd: SDModel, inv: Inversion) -> None:
+    ac = sd.alphas_cumprod
+    if ac.shape != inv.alphas_cumprod.shape or not torch.allclose(ac, inv.alphas_cumprod, rtol=1e-4, atol=1e-6):
+        raise ValueError("this MODEL's noise schedule differs from the one the inversion was made with: edit "
+                         "with the checkpoint you inverted with")
+
+
+def _guidance_note(inv: Inversion, guidance: float) -> None:
+    if abs(guidance - inv.guidance) > 1e-6:
+        log.warning("guidance %.2f differs from the inversion's %.2f: the null embeddings were optimised for "
+                    "%.2f, so the unedited parts will drift", guidance, inv.guidance, inv.guidance)
+
+
+# --------------------------------------------------------------------------------------------- nodes
+class NullTextInvert:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": SD_TOOLTIPS["model"]}),
+            "clip": ("CLIP", {"tooltip": SD_TOOLTIPS["clip"]}),
+            "vae": ("VAE", {"tooltip": SD_TOOLTIPS["vae"]}),
+            "image": ("IMAGE", {"tooltip": "The real image to invert (one image; sides are cropped to a "
+                                           "multiple of 8, 512x512 suits SD1.x)."}),
+            "prompt": ("STRING", {"default": "", "multiline": True, "tooltip":
+                "A caption of the image. The edits start from it: prompt-to-prompt swaps, adds or reweights "
+                "its words."}),
+            "steps": ("INT", {"default": 50, "min": 2, "max": 1000, "tooltip":
+                "DDIM steps (the paper: 50). Every edit of this inversion uses the same steps."}),
+            "guidance": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip":
+                "Classifier-free guidance scale the null embeddings are optimised for (the paper: 7.5); "
+                "edit with the same scale."}),
+            "inner_steps": ("INT", {"default": 10, "min": 0, "max": 100, "tooltip":
+                "Adam steps per DDIM step (the paper: 10; stops early once the loss is below 1e-5 + i·2e-5). "
+                "With global_null: passes over all steps. 0 = no optimisation (plain DDIM inversion; the empty "
+                "prompt's embedding is kept as one global null embedding)."}),
+            "global_null": ("BOOLEAN", {"default": False, "tooltip":
+                "One null embedding for all steps (supplement Algorithm 2) instead of one per step: smaller, "
+                "but converges much more slowly."}),
+        }}
+
+    RETURN_TYPES = (INVERSION_T, "IMAGE", "STRING")
+    RETURN_NAMES = ("inversion", "reconstruction", "report")
+    OUTPUT_TOOLTIPS = ("The inverted noise trajectory, null embeddings and caption (save it to edit later).",
+                       "The image rebuilt from the inversion at the given guidance (should match the input).",
+                       "JSON: per-step losses, reconstruction error and the time each stage took.")
+    FUNCTION = "invert"
+    CATEGORY = NT_CATEGORY
+    DESCRIPTION = ("NULL-text inversion (Mokady et al.): DDIM inversion of a real image with its caption, then "
+                   "per-step optimisation of the unconditional (null) embedding so that guided sampling "
+                   "reconstructs it. Invert once, then edit many times (prompt-to-prompt, SDEdit).")
+
+    def invert(self, model, clip, vae, image, prompt, steps=50, guidance=7.5, inner_steps=10, global_null=False):
+        if image.ndim == 4 and image.shape[0] != 1:
+            raise ValueError(f"NULL-text Invert inverts one image at a time, got a batch of {image.shape[0]}: "
+                             "pick one (e.g. with Image From Batch)")
+        t_start = time.perf_counter()
+        sd = SDModel(model, grad=inner_steps > 0)
+        sched = sd.schedule(steps)
+        cond, uncond = encode_text(clip, prompt.strip()), encode_text(clip, "")
+        with torch.no_grad():
+            pixels = image[..., :3] if image.ndim == 4 else image[None, ..., :3]
+            z0 = vae.encode(pixels)
+            source = vae.vae_encode_crop_pixels(pixels) if hasattr(vae, "vae_encode_crop_pixels") else pixels
+            z0 = sd.base.process_latent_in(z0.float())
+        with torch.inference_mode(False):
+            z0 = z0.detach().float().clone().to(sd.device)
+            c, u = cond.to(sd.device), uncond.to(sd.device)
+        opt_total = (inner_steps * steps if global_null else steps) if inner_steps > 0 else 0
+        total = steps + opt_total + steps
+        bar = host.progress(total, "NULL-text inversion")
+        times, losses = {}, []
+        try:
+            t = time.perf_counter()
+            latents = nt.ddim_invert(sd.eps, sched, z0, c, callback=_callback(bar, 0, sd))
+            times["ddim_inversion_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            if inner_steps == 0:
+                nulls = [u]
+                global_null = True
+            elif global_null:
+                nulls = [nt.null_text_optimize_global(sd.eps, sched, latents, c, u, guidance, epochs=inner_steps,
+                                                      callback=_callback(bar, steps, sd))]
+            else:
+                nulls = nt.null_text_optimize(sd.eps, sched, latents, c, u, guidance, inner_steps,
+                                              callback=_callback(bar, steps, sd), losses=losses)
+            times["null_text_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            step_nulls = nulls if len(nulls) == steps else nulls * steps
+            rec = nt.ddim_sample_cfg(sd.eps, sched, latents[-1], c, step_nulls, guidance,
+                                     callback=_callback(bar, steps + opt_total, sd))
+            times["reconstruction_s"] = time.perf_counter() - t
+        finally:
+            bar.close()
+        recon = sd.decode(vae, rec)
+        with torch.inference_mode(False):
+            inv = Inversion(latents=[z.detach().float().cpu().clone() for z in latents],
+                            nulls=[n.detach().float().cpu().clone() for n in nulls], cond=cond, uncond=uncond,
+                            alphas_cumprod=sd.alphas_cumprod.clone(), prompt=prompt.strip(), guidance=float(guidance),
+                            source=source.detach().float().cpu().clone(), is_global=bool(global_null),
+                            inner_steps=int(inner_steps), losses=[float(x) for x in losses])
+        latent_mse = float(F.mse_loss(rec.float().cpu(), latents[0].float().cpu()))
+        pixel_mae = float((recon - inv.source).abs().mean()) if recon.shape == inv.source.shape else None
+        times["total_s"] = time.perf_counter() - t_start
+        inv.info = {"latent_mse": latent_mse, "pixel_mae": pixel_mae,
+                    **{k: round(v, 3) for k, v in times.items()}}
+        report = json.dumps({"prompt": inv.prompt, "steps": steps, "guidance": guidance, "global_null": inv.is_global,
+                             "inner_steps": inner_steps, "final_losses": inv.losses, **inv.info}, indent=1)
+        log.info("NULL-text inversion: %d steps, latent MSE %.3g, %.1f s", steps, latent_mse, times["total_s"])
+        return {"ui": {"text": [report]}, "result": (inv, recon, report)}
+
+
+class SaveInversion:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "inversion": (INVERSION_T, {"tooltip": "The inversion to keep."}),
+            "filename": ("STRING", {"default": "nulltext/inversion", "tooltip":
+                "File name (.safetensors is added) relative to ComfyUI's output folder, or an absolute path. "
+                "An existing file of that name is replaced."}),
+        }}
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    OUTPUT_TOOLTIPS = ("The full path of the saved file.",)
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = NT_CATEGORY
+    DESCRIPTION = ("Saves an inversion (latent trajectory, null embeddings, caption, source image) as one "
+                   ".safetensors file with JSON metadata, so one inversion serves many edits.")
+
+    def save(self, inversion, filename="nulltext/inversion"):
+        path = _inversion_path(filename, for_reading=False)
+        inversion.to_file(path)
+        log.info("saved the NULL-text inversion to %s", path)
+        return {"ui": {"text": [str(path)]}, "result": (str(path),)}
+
+
+class LoadInversion:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "filename": ("STRING", {"default": "nulltext/inversion", "tooltip":
+                "A file written by Save Inversion: a name relative to ComfyUI's output (or input) folder, "
+                "or an absolute path (.safetensors may be left out)."}),
+        }}
+
+    RETURN_TYPES = (INVERSION_T, "IMAGE", "STRING")
+    RETURN_NAMES = ("inversion", "source", "prompt")
+    OUTPUT_TOOLTIPS = ("The saved inversion.", "The image that was inverted.", "Its caption.")
+    FUNCTION = "load"
+    CATEGORY = NT_CATEGORY
+    DESCRIPTION = "Loads an inversion saved by Save Inversion (safe loading: tensors and JSON metadata only)."
+
+    @classmethod
+    def IS_CHANGED(cls, filename="nulltext/inversion"):
+        try:
+            return os.path.getmtime(_inversion_path(filename, for_reading=True))
+        except (OSError, ValueError):
+            return float("nan")
+
+    def load(self, filename="nulltext/inversion"):
+        inv = Inversion.from_file(_inversion_path(filename, for_reading=True))
+        return (inv, inv.source.clone(), inv.prompt)
+
+
+class NullTextEdit:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": SD_TOOLTIPS["model"]}),
+            "clip": ("CLIP", {"tooltip": SD_TOOLTIPS["clip"]}),
+            "vae": ("VAE", {"tooltip": SD_TOOLTIPS["vae"]}),
+            "inversion": (INVERSION_T, {"tooltip": SD_TOOLTIPS["inversion"]}),
+            "target_prompt": ("STRING", {"default": "", "multiline": True, "tooltip":
+                "The caption with the change: replace = the same number of words with some swapped "
+                "(\"a cat\" → \"a dog\"); refine = words added; reweight = the caption itself (empty = the "
+                "inversion's caption) with reweight_words scaled."}),
+            "mode": (MODES, {"default": "replace", "tooltip":
+                "Prompt-to-prompt edit: replace (word swap), refine (added words), reweight (strengthen or "
+                "weaken words)."}),
+            "cross_replace_steps": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
+                "Fraction of the steps (from the start) during which the edit uses the source's cross-attention "
+                "maps: higher keeps the layout closer to the source."}),
+            "self_replace_steps": ("FLOAT", {"default": 0.4, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
+                "Fraction of the steps during which the edit uses the source's self-attention maps (layers up "
+                "to 1/16 of the latent's pixels, as the paper): higher keeps more of the source's structure."}),
+            "reweight_words": ("STRING", {"default": "", "tooltip":
+                "Words of the target prompt whose attention is scaled by reweight_factor (comma or space "
+                "separated; empty = none)."}),
+            "reweight_factor": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.1, "tooltip":
+                "Attention scale for reweight_words (>1 stronger, <1 weaker, 1 = unchanged)."}),
+            "guidance": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip":
+                "Classifier-free guidance scale; keep the inversion's (7.5 by default)."}),
+        }, "optional": {
+            "blend_words": ("STRING", {"default": "", "tooltip":
+                "Local blending: words of the source and/or target prompt marking the region to change (e.g. "
+                "\"cat dog\"); outside their attention the result keeps the source. Empty = off."}),
+        }}
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    OUTPUT_TOOLTIPS = ("Two images: the source's reconstruction, then the edit.",)
+    FUNCTION = "edit"
+    CATEGORY = NT_CATEGORY
+    DESCRIPTION = ("Prompt-to-prompt editing of an inverted real image: samples the source caption and the "
+                   "target prompt together from the inverted noise with the optimised null embeddings, "
+                   "injecting the source's attention maps into the edit.")
+
+    def edit(self, model, clip, vae, inversion, target_prompt="", mode="replace", cross_replace_steps=0.8,
+             self_replace_steps=0.4, reweight_words="", reweight_factor=1.0, guidance=7.5, blend_words=""):
+        inv = inversion
+        target = target_prompt.strip()
+        if mode == "reweight" and not target:
+            target = inv.prompt
+        if not target:
+            raise ValueError("NULL-text Edit: give a target prompt (the caption with the change)")
+        _guidance_note(inv, guidance)
+        src_tp, edit_tp = tokenized(clip, inv.prompt), tokenized(clip, target)
+        weights = {w: float(reweight_factor) for w in _words(reweight_words)} if reweight_factor != 1.0 else {}
+        for w in weights:
+            edit_tp.positions(w)  # names the missing word
+        blend = None
+        words = _words(blend_words or "")
+        if words:
+            src_w = [w for w in words if _has(src_tp, w)]
+            edit_w = [w for w in words if _has(edit_tp, w)]
+            if not src_w and not edit_w:
+                raise ValueError(f"blend_words {words} are in neither prompt: name words of the caption "
+                                 f"({inv.prompt!r}) or of the target ({target!r})")
+            blend = (src_w, edit_w)
+        h, w = inv.latents[0].shape[-2:]
+        controller = p2p.prompt_to_prompt(src_tp, [edit_tp], mode, reweight=weights or None,
+                                          cross_replace_steps=cross_replace_steps,
+                                          self_replace_steps=self_replace_steps, self_max_tokens=h * w // 16,
+                                          blend_words=blend, max_len=inv.cond.shape[1])
+        if controller.local_blend is not None:
+            controller.local_blend.max_tokens = h * w // 16
+        cond_edit = encode_text(clip, target)
+        sd = SDModel(model, controller)
+        _check_model(sd, inv)
+        steps = inv.steps
+        bar = host.progress(steps, "prompt-to-prompt")
+        try:
+            with torch.inference_mode(False):
+                cond = torch.cat([inv.cond, cond_edit]).to(sd.device)
+                z = inv.latents[-1].to(sd.device).expand(2, -1, -1, -1).clone()
+                nulls = [n.to(sd.device) for n in inv.step_nulls()]
+            out = nt.ddim_sample_cfg(sd.eps, inv.schedule(), z, cond, nulls, guidance, controller=controller,
+                                     callback=_callback(bar, 0, sd))
+        finally:
+            bar.close()
+        return (sd.decode(vae, out),)
+
+
+def _has(tp: p2p.TokenizedPrompt, word: str) -> bool:
+    try:
+        tp.positions(word)
+        return True
+    except ValueError:
+        return False
+
+
+STARTS = ["inversion", "random noise"]
+
+
+def sdedit_run(sd: SDModel, inv: Inversion, cond: torch.Tensor, t0: float, guidance: float, start: str,
+               seed: int, bar=None) -> torch.Tensor:
+    """SDEdit from strength t0: from the inverted z*_k with the optimised null embeddings ("inversion"), or
+    from q_sample(z0, k) with fresh noise and the empty prompt's embedding ("random noise", plain SDEdit)."""
+    sched = inv.schedule()
+    start_step = nt.sdedit_start_step(sched, t0)
+    k = sched.steps - start_step
+    cb = None if bar is None else _callback(bar, 0, sd)
+    with torch.inference_mode(False):
+        c = cond.to(sd.device)
+        z0 = inv.latents[0].to(sd.device)
+        if start == "inversion":
+            nulls = [n.to(sd.device) for n in inv.step_nulls()]
+            return nt.sdedit(sd.eps, sched, z0, c, nulls, t0, guidance, start_latent=inv.latents[k].to(sd.device),
+                             callback=cb)
+        if start != "random noise":
+            raise ValueError(f"start {start!r} unknown: use one of {STARTS}")
+        gen = torch.Generator().manual_seed(int(seed))
+        return nt.sdedit(sd.eps, sched, z0, c, inv.uncond.to(sd.device), t0, guidance, generator=gen, callback=cb)
+
+
+class NullTextSDEdit:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": SD_TOOLTIPS["model"]}),
+            "clip": ("CLIP", {"tooltip": SD_TOOLTIPS["clip"]}),
+            "vae": ("VAE", {"tooltip": SD_TOOLTIPS["vae"]}),
+            "inversion": (INVERSION_T, {"tooltip": SD_TOOLTIPS["inversion"]}),
+            "target_prompt": ("STRING", {"default": "", "multiline": True, "tooltip":
+                "What the result should show (any prompt; empty = the inversion's caption)."}),
+            "t0": ("FLOAT", {"default": 0.6, "min": 0.02, "max": 1.0, "step": 0.02, "tooltip":
+                "SDEdit strength: the fraction of the DDIM steps re-run (1 = from the inverted noise z_T). "
+                "Higher edits more and keeps less of the source."}),
+            "start": (STARTS, {"default": "inversion", "tooltip":
+                "inversion: start from the inverted latent z*_t0 with the optimised null embeddings (the "
+                "supplement's SDEdit after NULL-text inversion); random noise: plain SDEdit (noised source, "
+                "empty-prompt embedding)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "tooltip":
+                "Noise seed for start = random noise (unused with the inversion)."}),
+            "guidance": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip":
+                "Classifier-free guidance scale; keep the inversion's (7.5 by default)."}),
+        }}
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The edited image.",)
+    FUNCTION = "sdedit"
+    CATEGORY = NT_CATEGORY
+    DESCRIPTION = "SDEdit of an inverted real image: re-runs the last t0 of the DDIM steps towards the target prompt."
+
+    def sdedit(self, model, clip, vae, inversion, target_prompt="", t0=0.6, start="inversion", seed=0, guidance=7.5):
+        target = target_prompt.strip() or inversion.prompt
+        if start == "inversion":
+            _guidance_note(inversion, guidance)
+        cond = encode_text(clip, target)
+        sd = SDModel(model)
+        _check_model(sd, inversion)
+        bar = host.progress(inversion.steps - nt.sdedit_start_step(inversion.schedule(), t0), "SDEdit")
+        try:
+            out = sdedit_run(sd, inversion, cond, t0, guidance, start, seed, bar)
+        finally:
+            bar.close()
+        return (sd.decode(vae, out),)
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+def _floats(text: str, name: str, lo: float, hi: float) -> list[float]:
+    try:
+        vals = [float(v) for v in _words(text)]
+    except ValueError:
+        raise ValueError(f"{name} = {text!r}: give numbers separated by commas") from None
+    if not vals or any(not lo <= v <= hi for v in vals):
+        raise ValueError(f"{name} = {text!r}: give at least one value in [{lo}, {hi}]")
+    return vals
+
+
+def measure(images: torch.Tensor, source: torch.Tensor, clip, prompt: str, mask: torch.Tensor | None) -> list[tuple]:
+    """(LPIPS to the source, CLIP distance to the prompt) per image ([B, 3, H, W] 0..1)."""
+    from ..models.apps import clip_scores
+    from ..models.guidance import lpips_model
+    if source.shape[-2:] != images.shape[-2:]:
+        source = F.interpolate(source, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    with torch.inference_mode(False), torch.no_grad():
+        lp = lpips_model()(images.float() * 2 - 1, source.float().expand_as(images) * 2 - 1).flatten()
+    m = None if mask is None else resize_mask(mask, images.shape[-2:])
+    dist = clip_scores(clip, images, m, prompt)
+    return [(float(lp[i]), float(dist[i])) for i in range(images.shape[0])]
+
+
+COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+
+
+def plot(series: dict[str, list[tuple[str, float, float]]], title: str, size=(720, 520)) -> torch.Tensor:
+    """Fidelity (x: LPIPS to the source) versus editability (y: CLIP distance to the target) as an IMAGE
+    [1, H, W, 3], drawn with PIL: one line per series, each point labelled with its parameter."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+    W, H = size
+    left, right, top, bottom = 80, 20, 40, 60
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    font = ImageFont.load_default()
+    pts = [(x, y) for s in series.values() for _, x, y in s if math.isfinite(x) and math.isfinite(y)]
+    xs, ys = [p[0] for p in pts] or [0.0, 1.0], [p[1] for p in pts] or [0.0, 1.0]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    pad_x, pad_y = (x1 - x0) * 0.08 or 0.05, (y1 - y0) * 0.08 or 0.05
+    x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, y0 - pad_y, y1 + pad_y
+
+    def px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (W - left - right),
+                H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom))
+
+    d.rectangle([left, top, W - right, H - bottom], outline=(0, 0, 0))
+    for i in range(6):
+        fx, fy = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
+        gx, _ = px(fx, y0)
+        _, gy = px(x0, fy)
+        d.line([gx, top, gx, H - bottom], fill=(225, 225, 225))
+        d.line([left, gy, W - right, gy], fill=(225, 225, 225))
+        d.text((gx - 14, H - bottom + 6), f"{fx:.3f}", fill=(0, 0, 0), font=font)
+        d.text((8, gy - 6), f"{fy:.4f}", fill=(0, 0, 0), font=font)
+    d.text((left, H - 22), "LPIPS to the source (lower = more faithful)", fill=(0, 0, 0), font=font)
+    d.text((left, 8), title, fill=(0, 0, 0), font=font)
+    d.text((left, 22), "y: CLIP distance to the target prompt (lower = closer to the prompt)", fill=(0, 0, 0),
+           font=font)
+    for n, (name, s) in enumerate(series.items()):
+        color = COLORS[n % len(COLORS)]
+        line = [px(x, y) for _, x, y in s if math.isfinite(x) and math.isfinite(y)]
+        if len(line) > 1:
+            d.line(line, fill=color, width=2)
+        for (label, x, y), p in zip([q for q in s if math.isfinite(q[1]) and math.isfinite(q[2])], line):
+            d.ellipse([p[0] - 4, p[1] - 4, p[0] + 4, p[1] + 4], fill=color)
+            d.text((p[0] + 6, p[1] - 12), label, fill=color, font=font)
+        ly = top + 8 + 16 * n
+        d.rectangle([W - right - 200, ly, W - right - 188, ly + 10], fill=color)
+        d.text((W - right - 182, ly - 1), name, fill=(0, 0, 0), font=font)
+    arr = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+    return arr[None]
+
+
+class FidelityCurve:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": SD_TOOLTIPS["model"]}),
+            "clip": ("CLIP", {"tooltip": SD_TOOLTIPS["clip"]}),
+            "vae": ("VAE", {"tooltip": SD_TOOLTIPS["vae"]}),
+            "inversion": (INVERSION_T, {"tooltip": SD_TOOLTIPS["inversion"]}),
+            "guidance_clip": (CLIP_T, {"tooltip":
+                "The CLIP image-text model that scores editability (Load CLIP (guidance), e.g. ViT-B-16.pt); "
+                "the checkpoint's text encoder cannot see images."}),
+            "target_prompt": ("STRING", {"default": "", "multiline": True, "tooltip":
+                "The edit's prompt: every result is scored by its CLIP distance to it."}),
+            "t0_values": ("STRING", {"default": "0.2, 0.4, 0.6, 0.8, 1.0", "tooltip":
+                "SDEdit strengths to sweep (fractions of the DDIM steps, in (0, 1])."}),
+            "plain_sdedit": ("BOOLEAN", {"default": True, "tooltip":
+                "Also sweep plain SDEdit (noised source, empty-prompt embedding) to compare with SDEdit after "
+                "NULL-text inversion."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "tooltip":
+                "Noise seed of plain SDEdit and of the blended sampler."}),
+            "guidance": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip":
+                "Classifier-free guidance scale of the SDEdit runs; keep the inversion's."}),
+            "filename_prefix": ("STRING", {"default": "nulltext/fidelity", "tooltip":
+                "The curve is also written to ComfyUI's output folder as <prefix>_NNNNN.png and .csv."}),
+        }, "optional": {
+            "ddpm": (DDPM_T, {"tooltip":
+                "Optional: also sweep Blended Diffusion (this pack's sampler) over skip_timesteps on the "
+                "source image (needs a mask)."}),
+            "mask": ("MASK", {"tooltip":
+                "Optional: the edited region. Blended Diffusion edits inside it, and all CLIP distances are "
+                "then measured on it; without it on the whole image."}),
+            "skip_timesteps": ("STRING", {"default": "20, 40, 60, 80", "tooltip":
+                "Blended Diffusion sweep: skipped steps of the DDPM's respaced schedule (more = closer to the "
+                "source)."}),
+            "num_views": ("INT", {"default": 8, "min": 1, "max": 64, "tooltip":
+                "Blended Diffusion sweep: augmented views per CLIP evaluation."}),
+        }}
+
+    RETURN_TYPES = ("IMAGE", "STRING", "IMAGE")
+    RETURN_NAMES = ("plot", "csv", "images")
+    OUTPUT_TOOLTIPS = ("Fidelity (LPIPS to the source) versus editability (CLIP distance to the prompt).",
+                       "The measurements as CSV: method, parameter, value, lpips, clip_distance.",
+                       "Every result of the sweep, in CSV order.")
+    FUNCTION = "sweep"
+    OUTPUT_NODE = True
+    CATEGORY = NT_CATEGORY
+    DESCRIPTION = ("The supplement's fidelity/editability measurement: LPIPS to the source versus CLIP distance "
+                   "to the target prompt, over SDEdit's t0 with and without NULL-text inversion (and optionally "
+                   "Blended Diffusion over skip_timesteps). Writes the plot (PNG) and the CSV.")
+
+    def sweep(self, model, clip, vae, inversion, guidance_clip, target_prompt="", t0_values="0.2, 0.4, 0.6, 0.8, 1.0",
+              plain_sdedit=True, seed=0, guidance=7.5, filename_prefix="nulltext/fidelity", ddpm=None, mask=None,
+              skip_timesteps="20, 40, 60, 80", num_views=8):
+        inv = inversion
+        prompt = target_prompt.strip()
+        if not prompt:
+            raise ValueError("Fidelity Curve: give the target prompt the results are scored against")
+        t0s = _floats(t0_values, "t0_values", 1e-6, 1.0)
+        skips = []
+        if ddpm is not None:
+            if mask is None:
+                raise ValueError("Fidelity Curve: the Blended Diffusion sweep needs a mask (the region to edit)")
+            skips = [int(s) for s in _floats(skip_timesteps, "skip_timesteps", 0, ddpm.num_steps - 1)]
+        source = image_to_bchw(inv.source)
+        m = None if mask is None else mask_to_bhw(mask)[:1]
+        cond = encode_text(clip, prompt)
+        sd = SDModel(model)
+        _check_model(sd, inv)
+        methods = [("SDEdit after NULL-text inversion", "inversion")] + \
+            ([("plain SDEdit", "random noise")] if plain_sdedit else [])
+        total = len(t0s) * len(methods) + len(skips)
+        bar = host.progress(total, "fidelity curve")
+        rows, images, done = [], [], 0
+        try:
+            for name, start in methods:
+                for t0 in t0s:
+                    out = sdedit_run(sd, inv, cond, t0, guidance, start, seed)
+                    img = image_to_bchw(sd.decode(vae, out))
+                    (lp, dist), = measure(img, source, guidance_clip, prompt, m)
+                    rows.append((name, "t0", t0, lp, dist))
+                    images.append(img)
+                    done += 1
+                    bar.update(done)
+                    host.check_interrupt()
+            if skips:
+                from ..models import AugmentSettings, Guide, edit
+                guide = Guide(clip=guidance_clip, prompt=prompt, augment=AugmentSettings(num_views=num_views))
+                for s in skips:
+                    out = edit(ddpm, source, m, guide, skip_timesteps=s, seed=seed,
+                               callback=lambda *a: host.check_interrupt())
+                    (lp, dist), = measure(out, source, guidance_clip, prompt, m)
+                    rows.append(("Blended Diffusion", "skip_timesteps", s, lp, dist))
+                    images.append(out)
+                    done += 1
+                    bar.update(done)
+        finally:
+            bar.close()
+        buf = io.StringIO()
+        wr = csv.writer(buf, lineterminator="\n")
+        wr.writerow(["method", "parameter", "value", "lpips", "clip_distance"])
+        for r in rows:
+            wr.writerow([r[0], r[1], f"{r[2]:g}", f"{r[3]:.6f}", f"{r[4]:.6f}"])
+        text = buf.getvalue()
+        series: dict[str, list] = {}
+        for name, param, v, lp, dist in rows:
+            series.setdefault(name, []).append((f"{'t0' if param == 't0' else 'skip'}={v:g}", lp, dist))
+        fig = plot(series, f"Fidelity vs editability: {prompt[:60]!r}")
+        png, csv_path = self._write(fig, text, filename_prefix)
+        log.info("fidelity curve written to %s and %s", png, csv_path)
+        size = images[0].shape[-2:]
+        images = torch.cat([x if x.shape[-2:] == size else
+                            F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in images])
+        return {"ui": {"text": [text]}, "result": (fig, text, bchw_to_image(images))}
+
+    @staticmethod
+    def _write(fig: torch.Tensor, text: str, prefix: str) -> tuple[Path, Path]:
+        from PIL import Image
+        prefix = prefix.strip() or "nulltext/fidelity"
+        if Path(prefix).is_absolute() or ".." in Path(prefix).parts:
+            raise ValueError(f"filename_prefix {prefix!r} must be relative to the output folder")
+        base = _output_dir() / prefix
+        base.parent.mkdir(parents=True, exist_ok=True)
+        n = 1
+        def taken(k):
+            return any((base.parent / f"{base.name}_{k:05d}{ext}").exists() for ext in (".png", ".csv"))
+        while taken(n):
+            n += 1
+        png, csv_path = base.parent / f"{base.name}_{n:05d}.png", base.parent / f"{base.name}_{n:05d}.csv"
+        Image.fromarray((fig[0].numpy() * 255).round().astype("uint8")).save(png)
+        csv_path.write_text(text)
+        return png, csv_path
+
+
+NODE_CLASS_MAPPINGS = {
+    "NullTextInvert": NullTextInvert,
+    "SaveInversion": SaveInversion,
+    "LoadInversion": LoadInversion,
+    "NullTextEdit": NullTextEdit,
+    "NullTextSDEdit": NullTextSDEdit,
+    "FidelityCurve": FidelityCurve,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "NullTextInvert": "NULL-text Invert",
+    "SaveInversion": "Save Inversion (NULL-text)",
+    "LoadInversion": "Load Inversion (NULL-text)",
+    "NullTextEdit": "NULL-text Edit (prompt-to-prompt)",
+    "NullTextSDEdit": "NULL-text SDEdit",
+    "FidelityCurve": "Fidelity Curve (LPIPS vs CLIP)",
+}

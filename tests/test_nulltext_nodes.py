@@ -1,0 +1,354 @@
+"""NULL-text nodes (nodes/nulltext.py) on ComfyUI's own MODEL / CLIP / VAE objects.
+
+Skips unless ``COMFYUI_PATH`` names a ComfyUI checkout importable by this interpreter, e.g.
+
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest -q tests/test_nulltext_nodes.py
+
+The models are tiny and random but built with ComfyUI's classes: an SD1.5 ``BaseModel`` (comfy.supported_models.
+SD15 with a 2-level, 32-channel UNet config, context 64) in a ``ModelPatcher``, ``comfy.sd.CLIP`` with the SD1
+tokenizer and a 2-layer 64-wide text model, and ``comfy.sd.VAE`` around a 32-channel AutoencoderKL (8x
+downsampling), on 64x64 images (8x8 latents). Every node runs under ``torch.inference_mode()`` as in ComfyUI.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+COMFY = os.environ.get("COMFYUI_PATH", "")
+if not COMFY or not (Path(COMFY) / "comfy" / "model_base.py").is_file():
+    pytest.skip("set COMFYUI_PATH to a ComfyUI checkout to run the NULL-text node tests", allow_module_level=True)
+if str(Path(COMFY).resolve()) not in sys.path:
+    sys.path.append(str(Path(COMFY).resolve()))
+try:
+    from comfy.cli_args import args as comfy_args
+    if not torch.cuda.is_available():
+        comfy_args.cpu = True  # before comfy.model_management is imported (as main.py --cpu)
+    import comfy.model_management  # noqa: F401
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+    import folder_paths
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+except ImportError as e:  # a checkout whose requirements this interpreter lacks
+    pytest.skip(f"ComfyUI at {COMFY} does not import here ({e}): run with its interpreter", allow_module_level=True)
+
+from blended_diffusion.models import nulltext as nt  # noqa: E402
+from blended_diffusion.nodes import NODE_CLASS_MAPPINGS, host  # noqa: E402
+from blended_diffusion.nodes import nulltext as ntn  # noqa: E402
+
+STEPS = 10
+PROMPT = "a photo of a cat"
+SIZE = 64
+
+
+# --------------------------------------------------------------------------------------------- tiny models
+def _randomize(module: torch.nn.Module, seed: int, scales: dict | None = None) -> None:
+    """ComfyUI's layers skip weight init: give every parameter a seeded value (fan-in scaled matrices, unit
+    norm weights, zero biases), then multiply the parameters whose names start with or contain a key of ``scales``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            elif name.endswith("weight"):  # 1-D weights are the norms' scales
+                p.fill_(1.0)
+            else:
+                p.zero_()
+            for key, scale in (scales or {}).items():
+                if name.startswith(key) or f".{key}" in name:
+                    p.mul_(scale)
+
+
+# A smooth eps (small output layer: DDIM inversion at guidance 1 is nearly exact, as with a trained model) that
+# depends clearly on the text (strong cross-attention values), so guidance 7.5 visibly breaks plain DDIM.
+UNET_SCALES = {"out.": 0.2, "attn2.to_v": 5.0}
+UNET = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+        "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+        "num_res_blocks": [1, 1], "transformer_depth": [1, 0], "transformer_depth_output": [1, 1, 0, 0],
+        "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+        "context_dim": 64, "use_temporal_resblock": False, "use_temporal_attention": False}
+TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2,
+        "projection_dim": 64}
+VAE_CFG = {"ddconfig": {"double_z": True, "z_channels": 4, "resolution": SIZE, "in_channels": 3, "out_ch": 3,
+                        "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [],
+                        "dropout": 0.0}, "embed_dim": 4}
+
+
+def tiny_model():
+    cfg = comfy.supported_models.SD15(UNET)
+    cfg.unet_config["num_heads"] = 2
+    cfg.set_inference_dtype(torch.float32, None)
+    base = cfg.get_model({})
+    _randomize(base.diffusion_model, 0, UNET_SCALES)
+    mm = comfy.model_management
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def tiny_clip():
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(TEXT)})
+    _randomize(clip.cond_stage_model, 1)
+    return clip
+
+
+def tiny_vae():
+    ae = AutoencoderKL(**VAE_CFG)
+    _randomize(ae, 2)
+    return comfy.sd.VAE(sd=ae.state_dict(), config={"params": VAE_CFG})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: one thread is faster on a shared CPU
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sd():
+    with torch.inference_mode():  # ComfyUI builds models inside inference mode too
+        return tiny_model(), tiny_clip(), tiny_vae()
+
+
+@pytest.fixture(scope="module")
+def image():
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, SIZE), torch.linspace(0, 1, SIZE), indexing="ij")
+    img = torch.stack([xx, yy, 1 - (xx + yy) / 2], -1)[None] * 0.8 + 0.1
+    img[:, 20:44, 24:40] = torch.tensor([0.9, 0.2, 0.2])
+    return img
+
+
+def run(node_type, **kw):
+    """One node call as ComfyUI makes it: a fresh instance, inside inference mode; {"ui", "result"} unwrapped."""
+    cls = NODE_CLASS_MAPPINGS[node_type]
+    with torch.inference_mode():
+        out = getattr(cls(), cls.FUNCTION)(**kw)
+    return out["result"] if isinstance(out, dict) else out
+
+
+def invert(sd, image, **kw):
+    """NullTextInvert with the test's defaults: (inversion, reconstruction, report as a dict)."""
+    model, clip, vae = sd
+    kw = {"prompt": PROMPT, "steps": STEPS, "guidance": 7.5, "inner_steps": 10, "global_null": False, **kw}
+    inv, recon, report = run("NullTextInvert", model=model, clip=clip, vae=vae, image=image, **kw)
+    return inv, recon, json.loads(report)
+
+
+@pytest.fixture(scope="module")
+def inverted(sd, image):
+    return invert(sd, image)
+
+
+# --------------------------------------------------------------------------------------------- tests
+def test_nodes_registered_with_tooltips():
+    for name in ("NullTextInvert", "SaveInversion", "LoadInversion", "NullTextEdit", "NullTextSDEdit",
+                 "FidelityCurve"):
+        cls = NODE_CLASS_MAPPINGS[name]
+        assert cls.CATEGORY == "Blended Diffusion/NULL-text"
+        for section in cls.INPUT_TYPES().values():
+            for inp, spec in section.items():
+                assert spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
+    assert NODE_CLASS_MAPPINGS["NullTextInvert"].RETURN_TYPES[0] == "BD_INVERSION"
+    assert NODE_CLASS_MAPPINGS["NullTextInvert"].INPUT_TYPES()["required"]["model"][0] == "MODEL"
+
+
+def test_invert_reconstructs_better_than_plain_ddim(sd, image, inverted):
+    model, clip, vae = sd
+    inv, recon, report = inverted
+    assert inv.steps == STEPS and len(inv.nulls) == STEPS and not inv.is_global
+    assert inv.latents[0].shape == (1, 4, SIZE // 8, SIZE // 8)
+    assert inv.cond.shape == inv.uncond.shape == (1, 77, 64)
+    assert not any(t.is_inference() for t in inv.latents + inv.nulls + [inv.cond, inv.uncond])
+    assert recon.shape == (1, SIZE, SIZE, 3) and torch.isfinite(recon).all()
+    # the same schedule as ComfyUI's own sampler: ᾱ from model_sampling's sigmas
+    sigmas = model.get_model_object("model_sampling").sigmas.double()
+    assert torch.allclose(inv.alphas_cumprod, 1 / (sigmas ** 2 + 1))
+    # plain DDIM inversion at guidance 7.5 (no optimisation: the empty prompt's embedding at every step)
+    _, recon_plain, plain = invert(sd, image, inner_steps=0)
+    _, _, exact = invert(sd, image, inner_steps=0, guidance=1.0)
+    assert plain["latent_mse"] > 10 * exact["latent_mse"], "guidance 7.5 must break plain DDIM reconstruction"
+    assert report["latent_mse"] < 0.2 * plain["latent_mse"], (report["latent_mse"], plain["latent_mse"])
+    # in pixels, against the VAE's own decoding of the encoded image (the random VAE is no autoencoder, and
+    # its decoder amplifies latent errors a lot)
+    with torch.inference_mode():
+        ref = ntn.SDModel(model).decode(vae, inv.latents[0])
+    assert (recon - ref).abs().mean() < 0.8 * (recon_plain - ref).abs().mean()
+    assert len(report["final_losses"]) == STEPS
+    assert {"ddim_inversion_s", "null_text_s", "reconstruction_s", "total_s"} <= set(report)
+    # the incoming MODEL is left as it was
+    assert "patches_replace" not in model.model_options.get("transformer_options", {})
+
+
+def test_global_null_converges_more_slowly(sd, image, inverted):
+    inv_g, _, rep_g = invert(sd, image, global_null=True)
+    _, _, plain = invert(sd, image, inner_steps=0)
+    assert inv_g.is_global and len(inv_g.nulls) == 1
+    assert inverted[2]["latent_mse"] < rep_g["latent_mse"] < plain["latent_mse"]
+
+
+def test_save_load_round_trip(sd, inverted, tmp_path, monkeypatch):
+    model, clip, vae = sd
+    inv = inverted[0]
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))
+    (path,) = run("SaveInversion", inversion=inv, filename="nulltext/cat")
+    assert Path(path) == tmp_path / "nulltext" / "cat.safetensors" and Path(path).is_file()
+    loaded, source, prompt = run("LoadInversion", filename="nulltext/cat")
+    assert prompt == PROMPT and torch.equal(source, inv.source)
+    assert loaded.steps == inv.steps and loaded.guidance == inv.guidance and loaded.losses == inv.losses
+    for a, b in zip(loaded.latents + loaded.nulls + [loaded.cond, loaded.uncond],
+                    inv.latents + inv.nulls + [inv.cond, inv.uncond]):
+        assert torch.equal(a, b)
+    assert torch.equal(loaded.alphas_cumprod, inv.alphas_cumprod)
+    # an absolute path works too, and the loaded inversion edits exactly like the original
+    (abs_path,) = run("SaveInversion", inversion=inv, filename=str(tmp_path / "elsewhere" / "x"))
+    again, _, _ = run("LoadInversion", filename=abs_path)
+    kw = dict(model=model, clip=clip, vae=vae, target_prompt="a photo of a dog", t0=0.5, start="inversion",
+              seed=0, guidance=7.5)
+    (a,) = run("NullTextSDEdit", inversion=inv, **kw)
+    (b,) = run("NullTextSDEdit", inversion=again, **kw)
+    assert torch.equal(a, b)
+    # clear errors
+    with pytest.raises(FileNotFoundError, match="Save Inversion"):
+        run("LoadInversion", filename="nulltext/missing")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable"):
+        run("LoadInversion", filename=str(bad))
+    with pytest.raises(ValueError, match="output folder"):
+        run("SaveInversion", inversion=inv, filename="../outside")
+
+
+def test_sdedit_from_inversion_with_the_caption_is_the_reconstruction(sd, inverted):
+    model, clip, vae = sd
+    inv, recon, _ = inverted
+    kw = dict(model=model, clip=clip, vae=vae, inversion=inv, guidance=7.5, seed=0)
+    (out,) = run("NullTextSDEdit", target_prompt="", t0=1.0, start="inversion", **kw)
+    assert (out - recon).abs().max() < 1e-4
+    (edit,) = run("NullTextSDEdit", target_prompt="a photo of a dog", t0=0.6, start="inversion", **kw)
+    assert (edit - recon).abs().max() > 1e-3
+    # plain SDEdit: seeded noise, the empty prompt's embedding
+    (p1,) = run("NullTextSDEdit", target_prompt="a photo of a dog", t0=0.6, start="random noise", **kw)
+    (p2,) = run("NullTextSDEdit", target_prompt="a photo of a dog", t0=0.6, start="random noise", **kw)
+    kw["seed"] = 1
+    (p3,) = run("NullTextSDEdit", target_prompt="a photo of a dog", t0=0.6, start="random noise", **kw)
+    assert torch.equal(p1, p2) and (p1 - p3).abs().max() > 1e-4 and (p1 - edit).abs().max() > 1e-4
+
+
+def test_prompt_to_prompt_keeps_the_source_row(sd, inverted):
+    model, clip, vae = sd
+    inv, recon, _ = inverted
+    kw = dict(model=model, clip=clip, vae=vae, inversion=inv, guidance=7.5, reweight_words="",
+              reweight_factor=1.0, blend_words="")
+    (out,) = run("NullTextEdit", target_prompt="a photo of a dog", mode="replace", cross_replace_steps=0.8,
+                 self_replace_steps=0.4, **kw)
+    assert out.shape == (2, SIZE, SIZE, 3)
+    assert (out[0] - recon[0]).abs().max() < 1e-4, "the source row must be the reconstruction"
+    assert (out[1] - out[0]).abs().max() > 1e-3
+    # no injection at all = plain sampling of the target from z_T with the null embeddings (= SDEdit t0 = 1)
+    (free,) = run("NullTextEdit", target_prompt="a photo of a dog", mode="replace", cross_replace_steps=0.0,
+                  self_replace_steps=0.0, **kw)
+    (sde,) = run("NullTextSDEdit", model=model, clip=clip, vae=vae, inversion=inv, target_prompt="a photo of a dog",
+                 t0=1.0, start="inversion", seed=0, guidance=7.5)
+    assert (free[1] - sde[0]).abs().max() < 1e-4
+    assert (free[1] - out[1]).abs().max() > 1e-4, "cross-attention injection must change the edit"
+    # refinement, reweighting and local blending run; the source row never changes
+    (ref,) = run("NullTextEdit", target_prompt="a photo of a fluffy cat", mode="refine", cross_replace_steps=0.8,
+                 self_replace_steps=0.4, **kw)
+    kw.update(reweight_words="cat", reweight_factor=3.0)
+    (rew,) = run("NullTextEdit", target_prompt="", mode="reweight", cross_replace_steps=0.8,
+                 self_replace_steps=0.4, **kw)
+    kw.update(reweight_words="", reweight_factor=1.0, blend_words="cat dog")
+    (blend,) = run("NullTextEdit", target_prompt="a photo of a dog", mode="replace", cross_replace_steps=0.8,
+                   self_replace_steps=0.4, **kw)
+    for o in (ref, rew, blend):
+        assert o.shape == (2, SIZE, SIZE, 3) and (o[0] - recon[0]).abs().max() < 1e-4
+        assert (o[1] - o[0]).abs().max() > 1e-4
+    assert "patches_replace" not in model.model_options.get("transformer_options", {})
+
+
+def test_prompt_to_prompt_errors(sd, inverted):
+    model, clip, vae = sd
+    kw = dict(model=model, clip=clip, vae=vae, inversion=inverted[0], cross_replace_steps=0.8,
+              self_replace_steps=0.4, reweight_words="", reweight_factor=1.0, guidance=7.5)
+    with pytest.raises(ValueError, match="same number of words"):
+        run("NullTextEdit", target_prompt="a photo of a big dog", mode="replace", **kw)
+    with pytest.raises(ValueError, match="plain prompts"):
+        run("NullTextEdit", target_prompt="a photo of a (dog:1.3)", mode="replace", **kw)
+    with pytest.raises(ValueError, match="neither prompt"):
+        run("NullTextEdit", target_prompt="a photo of a dog", mode="replace", blend_words="tree", **kw)
+
+
+def test_interrupt_mid_inversion_then_next_run_works(sd, image, inverted, monkeypatch):
+    model, clip, vae = sd
+    real = host.progress
+    seen = []
+
+    class Cancelling:
+        """host's progress bar, asking for a stop once the inversion has made 3 steps."""
+
+        def __init__(self, total, desc=""):
+            self.bar = real(total, desc)
+
+        def update(self, step, preview=None, total=None):
+            seen.append(step)
+            if step == 3:
+                host.request_interrupt()
+            self.bar.update(step, preview, total)
+
+        def close(self):
+            self.bar.close()
+
+    monkeypatch.setattr(host, "progress", Cancelling)
+    kw = dict(model=model, clip=clip, vae=vae, image=image, prompt=PROMPT, steps=STEPS, guidance=7.5,
+              inner_steps=10, global_null=False)
+    with pytest.raises(host.Interrupted):
+        run("NullTextInvert", **kw)
+    assert seen == [1, 2, 3], "the stop must come at the next step"
+    monkeypatch.setattr(host, "progress", real)
+    inv, recon, _ = run("NullTextInvert", **kw)
+    assert torch.equal(recon, inverted[1])
+    assert all(torch.equal(a, b) for a, b in zip(inv.nulls, inverted[0].nulls))
+
+
+def test_fidelity_curve(sd, inverted, clip, ddpm, tmp_path, monkeypatch):
+    model, sd_clip, vae = sd
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))
+    mask = torch.zeros(1, SIZE, SIZE)
+    mask[:, 16:48, 16:48] = 1
+    fig, text, images = run("FidelityCurve", model=model, clip=sd_clip, vae=vae, inversion=inverted[0],
+                            guidance_clip=clip, target_prompt="a photo of a dog", t0_values="0.4, 1.0",
+                            plain_sdedit=True, seed=0, guidance=7.5, filename_prefix="nulltext/fid",
+                            ddpm=ddpm, mask=mask, skip_timesteps="8", num_views=2)
+    lines = text.strip().split("\n")
+    assert lines[0] == "method,parameter,value,lpips,clip_distance"
+    rows = [line.split(",") for line in lines[1:]]
+    assert [(r[0], r[2]) for r in rows] == [("SDEdit after NULL-text inversion", "0.4"),
+                                            ("SDEdit after NULL-text inversion", "1"),
+                                            ("plain SDEdit", "0.4"), ("plain SDEdit", "1"),
+                                            ("Blended Diffusion", "8")]
+    assert images.shape == (5, SIZE, SIZE, 3)
+    # the numbers are the measurements of the returned images
+    x = images.movedim(-1, 1)
+    with torch.inference_mode():
+        again = ntn.measure(x, inverted[0].source.movedim(-1, 1), clip, "a photo of a dog", mask)
+    for r, (lp, dist) in zip(rows, again):
+        assert abs(float(r[3]) - lp) < 1e-4 and abs(float(r[4]) - dist) < 1e-4
+    assert fig.shape[0] == 1 and fig.shape[-1] == 3 and fig.std() > 0.01
+    assert (tmp_path / "nulltext" / "fid_00001.png").is_file()
+    assert (tmp_path / "nulltext" / "fid_00001.csv").read_text() == text
+
+
+def test_schedule_matches_core_default_for_sd1(sd):
+    """ComfyUI's SD1 model_sampling is SD's scaled-linear schedule: the core's default DDIMSchedule."""
+    model = sd[0]
+    sigmas = model.get_model_object("model_sampling").sigmas.double()
+    assert torch.allclose(1 / (sigmas ** 2 + 1), nt.scaled_linear_alphas_cumprod(), rtol=1e-5)

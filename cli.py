@@ -20,7 +20,7 @@ log = logging.getLogger("blended_diffusion.cli")
 summary = logging.getLogger("blended_diffusion.cli.summary")  # final lines, to stdout
 
 PACK_ROOT = Path(__file__).resolve().parent
-EXAMPLES_DIR = PACK_ROOT / "examples"
+EXAMPLES_DIR = PACK_ROOT / "example_images"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 SUBCOMMANDS = ("edit", "extrapolate", "rank", "run", "weights")
 
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(values are parsed as JSON when they can be)")
     u.add_argument("--output_path", type=str, default="output", help="folder for the saved images")
     u.add_argument("--input_dir", type=str, default=None,
-                   help="folder LoadImage reads from (default: the pack's examples/; absolute paths in "
+                   help="folder LoadImage reads from (default: the pack's example_images/; absolute paths in "
                         "--set N.image=/path/x.png work too)")
     u.add_argument("--models_dir", type=str, default=None,
                    help="folder with ddpm/ and clip_guidance/ subfolders holding the workflow's model files "

@@ -1,4 +1,4 @@
-"""Regenerate the example images (procedural, CC0): python examples/make_examples.py
+"""Regenerate the example images (procedural, CC0): python example_images/make_examples.py
 
 bd_scene.png            512x384 RGB scene: sky, sun, hills, a house and a red ball on the grass.
 bd_scene_mask.png       the same with alpha 0 around the ball: core LoadImage gives MASK = 1 there

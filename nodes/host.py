@@ -23,7 +23,7 @@ from ..models.weights import search_dirs
 log = logging.getLogger(__name__)
 
 EXTENSIONS = {".pt", ".pth", ".bin", ".safetensors"}
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "example_images"
 
 try:  # ComfyUI
     import comfy.model_management as _mm

@@ -5,7 +5,7 @@ It runs the pack's nodes plus minimal stand-ins for the few core nodes our workf
 (LoadImage, SaveImage, PreviewImage, ImageScale, ImagePadForOutpaint), under
 ``torch.inference_mode()`` as ComfyUI does. Inside ComfyUI the real core nodes run instead.
 
-    result = run_workflow("workflows/api/text_edit.json", input_dir="examples", output_dir="out")
+    result = run_workflow("workflows/api/text_edit.json", input_dir="example_images", output_dir="out")
     result.outputs["7"]    # the output tuple of node "7"
     result.files           # PNGs written by SaveImage / PreviewImage
 """
@@ -154,7 +154,7 @@ def load_workflow(workflow) -> dict:
 def run_workflow(workflow, input_dir=None, output_dir="output", overrides: dict | None = None) -> RunResult:
     """Execute every node of an API-format workflow (path or dict) once, dependencies first.
 
-    ``input_dir``: where LoadImage looks (default: the pack's ``examples/``); ``output_dir``: where
+    ``input_dir``: where LoadImage looks (default: the pack's ``example_images/``); ``output_dir``: where
     SaveImage/PreviewImage write; ``overrides``: {node_id: {input: value}} applied before running."""
     wf = load_workflow(workflow)
     for nid, changes in (overrides or {}).items():
@@ -215,7 +215,7 @@ def run_workflow(workflow, input_dir=None, output_dir="output", overrides: dict 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Run an API-format ComfyUI workflow of this pack without ComfyUI.")
     ap.add_argument("workflow", help="API-format JSON (ComfyUI: Export (API))")
-    ap.add_argument("--input", default=None, help="folder LoadImage reads from (default: the pack's examples/)")
+    ap.add_argument("--input", default=None, help="folder LoadImage reads from (default: the pack's example_images/)")
     ap.add_argument("--output", default="output", help="folder SaveImage writes to")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -99,7 +99,7 @@ def test_python_m_and_no_comfyui_import(tmp_path, ckpt_dir):
     and the CLI never imports ComfyUI (checked in a fresh interpreter)."""
     (tmp_path / "blended_diffusion").symlink_to(ROOT, target_is_directory=True)
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "BLENDED_DIFFUSION_MODELS": str(tmp_path / "none")}
-    rank = ["rank", str(ROOT / "examples"), "-p", "grass", "--clip", str(ckpt_dir / "ViT-B-16.pt"),
+    rank = ["rank", str(ROOT / "example_images"), "-p", "grass", "--clip", str(ckpt_dir / "ViT-B-16.pt"),
             "--output_path", str(tmp_path / "out")]
     code = ("import sys, runpy\n"
             "def run(argv):\n"
@@ -375,7 +375,7 @@ def test_run_bundled_workflow_end_to_end(tmp_path, ckpt_dir, monkeypatch, capsys
         results = [f for f in rec["outputs"] if Path(f).relative_to(out).as_posix().startswith(prefix)]
         assert len(results) == 1  # --set ….batch_size=1
         loads = [n["inputs"]["image"] for n in wf.values() if n["class_type"] == "LoadImage"]
-        assert Image.open(results[0]).size == Image.open(ROOT / "examples" / loads[0]).size
+        assert Image.open(results[0]).size == Image.open(ROOT / "example_images" / loads[0]).size
     assert "file(s) saved" in cap.out
 
 

@@ -15,8 +15,9 @@ from blended_diffusion.nodes.common import NoiseState
 from blended_diffusion.nodes.host import EXAMPLES_DIR
 
 N = NODE_CLASS_MAPPINGS
-OURS = {"BD_DDPM", "BD_CLIP", "BD_NOISE", "BD_STEP", "BD_BLEND", "BD_AUGMENT"}
+OURS = {"BD_DDPM", "BD_CLIP", "BD_NOISE", "BD_STEP", "BD_BLEND", "BD_AUGMENT", "BD_INVERSION"}
 CORE = {"IMAGE", "MASK", "INT", "FLOAT", "STRING", "BOOLEAN"}
+SD = {"MODEL", "CLIP", "VAE"}  # ComfyUI's own Stable Diffusion objects: inputs of the NULL-text nodes only
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -89,15 +90,17 @@ def _alpha_mask(name):
 # --- schemas ----------------------------------------------------------------------------------------
 EXPECTED = {"LoadDDPM", "LoadCLIP", "NoiseImage", "CLIPGuidedStep", "MaskBlend", "ExtendingAugment",
             "RankByCLIP", "Extrapolate", "BlendedDiffusionSampler", "BlendedDiffusionEvaluate"}
+# nodes/nulltext.py: ComfyUI MODEL/CLIP/VAE in, so they run in tests/test_nulltext_nodes.py (needs ComfyUI)
+NULLTEXT = {"NullTextInvert", "SaveInversion", "LoadInversion", "NullTextEdit", "NullTextSDEdit", "FidelityCurve"}
 
 
 def test_node_ids_and_display_names():
-    assert set(N) == EXPECTED
-    assert set(NODE_DISPLAY_NAME_MAPPINGS) == EXPECTED
+    assert set(N) == EXPECTED | NULLTEXT
+    assert set(NODE_DISPLAY_NAME_MAPPINGS) == EXPECTED | NULLTEXT
     assert all(isinstance(v, str) and v for v in NODE_DISPLAY_NAME_MAPPINGS.values())
 
 
-@pytest.mark.parametrize("node_id", sorted(EXPECTED))
+@pytest.mark.parametrize("node_id", sorted(EXPECTED | NULLTEXT))
 def test_node_schema(node_id, models_dir):
     cls = N[node_id]
     spec = cls.INPUT_TYPES()
@@ -113,7 +116,8 @@ def test_node_schema(node_id, models_dir):
                 assert all(isinstance(o, str) for o in kind), name
                 assert "default" not in opts or opts["default"] in kind, name
             else:
-                assert isinstance(kind, str) and kind in CORE | OURS, f"{name}: type {kind!r}"
+                assert isinstance(kind, str) and kind in CORE | OURS | (SD if node_id in NULLTEXT else set()), \
+                    f"{name}: type {kind!r}"
                 if kind in ("INT", "FLOAT"):
                     assert opts["min"] <= opts["default"] <= opts["max"], name
                 if kind in ("STRING", "BOOLEAN"):

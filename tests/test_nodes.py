@@ -346,6 +346,8 @@ def test_runner_load_image_without_alpha_and_outpaint_pad(tmp_path):
             if d < f:
                 t[i, j] = ((f - d) / f) ** 2
     assert new.shape == (1, 16, 18, 3) and torch.equal(new[:, :12, 8:], small) and (new[:, 12:] == 0.5).all()
+    assert m.shape == (1, 16, 18)  # [1, H, W], as core's ImagePadForOutpaint returns
+    m = m[0]
     assert torch.allclose(m[:12, 8:], t) and (m[:, :8] == 1).all() and (m[12:] == 1).all()
     scaled = runner.StandaloneImageScale().upscale(small, "bilinear", 20, 0, "disabled")[0]
     assert scaled.shape == (1, 24, 20, 3)

@@ -47,6 +47,7 @@ class RankByCLIP:
                        "Their CLIP distances to the prompt, best (lowest) first.",
                        "The ranking as text.")
     FUNCTION = "rank"
+    OUTPUT_NODE = True  # its scores (ui text) are shown again when the run is cached
     CATEGORY = f"{CATEGORY}/applications"
     DESCRIPTION = "Ranks images by CLIP distance of the masked region to the prompt (paper §4.2.3), best first."
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import socket
 import struct
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -451,6 +453,11 @@ def test_web_extension_served(server):
         assert url in listed, (url, [u for u in listed if PACK_NAME in u])
         with urllib.request.urlopen(server.url(url), timeout=30) as r:
             assert r.read() == f.read_bytes(), url
+        # every relative import must resolve on the server (a wrong ../ depth 404s in the browser)
+        for spec in re.findall(r'^\s*import\s.*?from\s+"(\.[^"]+)"', f.read_text(), flags=re.M):
+            target = urllib.parse.urljoin(server.url(url), spec)
+            with urllib.request.urlopen(target, timeout=30) as r:
+                assert r.status == 200, (url, spec, target)
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS or [None], ids=lambda p: p.stem if p else "none")

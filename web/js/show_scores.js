@@ -1,7 +1,7 @@
 // Shows the text a Blended Diffusion node returns in its "ui" (RankByCLIP scores, Evaluate report)
 // in a read-only text box on the node.
-import { app } from "../../scripts/app.js";
-import { ComfyWidgets } from "../../scripts/widgets.js";
+import { app } from "../../../scripts/app.js";
+import { ComfyWidgets } from "../../../scripts/widgets.js";
 
 const NODES = ["RankByCLIP", "BlendedDiffusionEvaluate"];
 

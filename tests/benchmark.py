@@ -46,7 +46,6 @@ On CUDA the device is synchronised only around the timed regions.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import resource
@@ -60,6 +59,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from pack import load_pack  # noqa: E402
 RESULT_STEPS = 75  # the paper's setting: respacing 100, skip_timesteps 25
 
 UNET_BASE = dict(image_size=256, in_channels=3, out_channels=6, channel_mult=(1, 1, 2, 2, 4, 4),
@@ -82,18 +83,6 @@ CONFIGS = {
 MODES = ("bare", "ours", "reference", "fast")
 COLUMNS = ("s_step", "unet_fwd", "unet_bwd", "clip_aug", "blend", "other", "s_result", "peak_mib",
            "x_bare", "x_reference")
-
-
-def load_pack():
-    """The repository root as package ``blended_diffusion`` (as ComfyUI and pip import it)."""
-    if "blended_diffusion" in sys.modules:
-        return sys.modules["blended_diffusion"]
-    spec = importlib.util.spec_from_file_location("blended_diffusion", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["blended_diffusion"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # ---------------------------------------------------------------- checkpoints with random weights

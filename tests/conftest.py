@@ -1,4 +1,3 @@
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -11,20 +10,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("BLENDED_DIFFUSION_LPIPS_RANDOM", "1")  # no torchvision download in tests
 torch.set_num_threads(2)
 
+from pack import load_pack  # noqa: E402
 
-def _load_pack():
-    """Import the repository root as the package ``blended_diffusion`` (as ComfyUI and pip do)."""
-    if "blended_diffusion" in sys.modules:
-        return sys.modules["blended_diffusion"]
-    spec = importlib.util.spec_from_file_location("blended_diffusion", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["blended_diffusion"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_load_pack()
+load_pack()
 import tiny  # noqa: E402
 
 

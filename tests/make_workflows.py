@@ -13,13 +13,14 @@ a Note across the top, then groups as vertical bands of columns, nodes stacked w
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from pack import load_pack  # noqa: E402
 UI_DIR = ROOT / "workflows"
 API_DIR = UI_DIR / "api"
 
@@ -74,18 +75,6 @@ VIRTUAL_NODES = {"Note"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 # widget values that exist in the UI only (LoadImage's upload button), by node type
 UI_ONLY_WIDGETS = {"LoadImage": [("upload", "image")]}
-
-
-def load_pack():
-    """The repository root as package ``blended_diffusion`` (as tests/conftest.py imports it)."""
-    if "blended_diffusion" in sys.modules:
-        return sys.modules["blended_diffusion"]
-    spec = importlib.util.spec_from_file_location("blended_diffusion", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["blended_diffusion"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def node_spec(node_type: str) -> dict:

@@ -104,7 +104,7 @@ def edit(ddpm, image: torch.Tensor, mask: torch.Tensor | None, guide: Guide, *,
                         ddpm, source.expand(n, -1, -1, -1), m_small, guide, k,
                         generators(seed, b * batch_size + done, n), ddim=ddim, blend=blend,
                         enforce_background=enforce_background, class_label=class_label,
-                        x_start=None if x_start is None else x_start[done:done + n].to(device),
+                        x_start=None if x_start is None else x_start[done:done + n].to(device).clone(),
                         callback=callback)
                 except torch.OutOfMemoryError:
                     if n == 1:  # still an OutOfMemoryError, so hosts run their own OOM handling

@@ -27,6 +27,7 @@ class NoiseState:
     skip_timesteps: int
     num_steps: int                 # of the DDPM it was made for
     noise: torch.Tensor | None     # [1, 3, S, S] fixed ε for x_k, or None: each result draws its own
+    invert: bool = False           # x_k = DDIM inversion of the source (deterministic), not q_sample
 
 
 @dataclass

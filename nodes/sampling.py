@@ -10,6 +10,7 @@ import torch
 from ..models import AugmentSettings, Guide, edit
 from ..models.augment import extending_augmentations, random_homographies
 from ..models.edit import check_inputs
+from ..models.nulltext import pixel_x_start
 from ..models.region import crop, plan_box
 from . import host
 from .common import (AUGMENT_T, BLEND_T, CATEGORY, CLIP_T, DDPM_T, MAX_SEED, NOISE_T, STEP_T, BlendRule,
@@ -49,6 +50,10 @@ class NoiseImage:
             "fixed_noise": ("BOOLEAN", {"default": False, "tooltip":
                 "On: every result starts from the same x_k drawn from noise_seed. Off: each result draws "
                 "its own x_k from the sampler's seed (the paper's behaviour)."}),
+            "ddim_inversion": ("BOOLEAN", {"default": False, "tooltip":
+                "On: x_k is the deterministic DDIM inversion of the source (eta 0) instead of noise, so the "
+                "sampler reconstructs the image where guidance leaves it alone. Costs k extra UNet passes; "
+                "class-conditional models need a fixed class_label on the sampler."}),
         }}
 
     RETURN_TYPES = (NOISE_T, "IMAGE")
@@ -59,7 +64,8 @@ class NoiseImage:
     CATEGORY = f"{CATEGORY}/sampling"
     DESCRIPTION = "Noises the image to step k (the start of the blended loop; also SDEdit's start)."
 
-    def noise(self, image, ddpm, skip_timesteps=25, strength=0.0, noise_seed=0, fixed_noise=False):
+    def noise(self, image, ddpm, skip_timesteps=25, strength=0.0, noise_seed=0, fixed_noise=False,
+              ddim_inversion=False):
         check_ranges(NoiseImage, skip_timesteps=skip_timesteps, strength=strength, noise_seed=noise_seed)
         x = checked_image(image, "NoiseImage")
         skip = skip_for(ddpm.num_steps, skip_timesteps, strength)
@@ -69,7 +75,8 @@ class NoiseImage:
         eps = torch.randn(x.shape, generator=gen)
         sched = {n: ddpm.sched[n][k - 1].cpu() for n in ("sqrt_ac", "sqrt_1m_ac")}
         xk = sched["sqrt_ac"] * (x * 2 - 1) + sched["sqrt_1m_ac"] * eps
-        state = NoiseState(image=x, skip_timesteps=skip, num_steps=ddpm.num_steps, noise=fixed)
+        state = NoiseState(image=x, skip_timesteps=skip, num_steps=ddpm.num_steps, noise=fixed,
+                           invert=bool(ddim_inversion))
         return state, bchw_to_image((xk + 1) / 2)
 
 
@@ -295,18 +302,23 @@ class BlendedDiffusionSampler:
                   enforce_background=blend.enforce_background if blend is not None else False,
                   class_label=None if class_label < 0 else class_label, context=CONTEXT, callback=callback)
         try:
-            if noise.noise is None:
+            if noise.noise is None and not noise.invert:
                 out = edit(ddpm, image, m, guide, **kw)
             else:  # the same x_k for every result: built on each image's own crop
                 outs = []
                 for b in range(n_images):
                     mb = m[min(b, m.shape[0] - 1)]
-                    box = plan_box(mb, ddpm.image_size, CONTEXT)
-                    src = crop(image[b:b + 1], box, ddpm.image_size) * 2 - 1
-                    with torch.inference_mode(False):
-                        x_start = ddpm.q_sample(src.to(ddpm.device), k - 1, noise.noise.to(ddpm.device))
-                    outs.append(edit(ddpm, image[b:b + 1], mb[None], guide, x_start=x_start.expand(
-                        batch_size, -1, -1, -1), **kw))
+                    if noise.invert:
+                        x_start = pixel_x_start(ddpm, image[b:b + 1], mb[None], noise.skip_timesteps,
+                                                batch_size=batch_size, context=CONTEXT,
+                                                class_label=kw["class_label"])
+                    else:
+                        box = plan_box(mb, ddpm.image_size, CONTEXT)
+                        src = crop(image[b:b + 1], box, ddpm.image_size) * 2 - 1
+                        with torch.inference_mode(False):
+                            x_start = ddpm.q_sample(src.to(ddpm.device), k - 1, noise.noise.to(ddpm.device))
+                        x_start = x_start.expand(batch_size, -1, -1, -1)
+                    outs.append(edit(ddpm, image[b:b + 1], mb[None], guide, x_start=x_start, **kw))
                 out = torch.cat(outs)
         finally:
             bar.close()

@@ -48,15 +48,16 @@ def models_dir(ckpt_dir, tmp_path_factory):
 
 
 def graph(image="bd_scene_mask.png", prompt="a blue cube", batch=2, sampler="DDPM", views=2, fixed=False,
-          blend=True, clip=True, respacing="10", class_label=-1):
+          blend=True, clip=True, respacing="10", class_label=-1, invert=False, skip=7):
     """API-format workflow: LoadImage → NoiseImage → CLIPGuidedStep → MaskBlend → sampler → SaveImage."""
     wf = {
         "1": {"class_type": "LoadDDPM", "inputs": {"ckpt_name": "64x64_classes.pt", "respacing": respacing,
                                                    "precision": "fp32"}},
         "2": {"class_type": "LoadCLIP", "inputs": {"clip_name": "ViT-B-16.pt", "precision": "fp32"}},
         "3": {"class_type": "LoadImage", "inputs": {"image": image}},
-        "4": {"class_type": "NoiseImage", "inputs": {"image": ["3", 0], "ddpm": ["1", 0], "skip_timesteps": 7,
-                                                     "strength": 0.0, "noise_seed": 3, "fixed_noise": fixed}},
+        "4": {"class_type": "NoiseImage", "inputs": {"image": ["3", 0], "ddpm": ["1", 0], "skip_timesteps": skip,
+                                                     "strength": 0.0, "noise_seed": 3, "fixed_noise": fixed,
+                                                     "ddim_inversion": invert}},
         "5": {"class_type": "ExtendingAugment", "inputs": {"num_views": views, "degrees": 15.0, "translate": 0.1,
                                                            "affine_p": 0.7, "distortion": 0.7,
                                                            "perspective_p": 0.7, "preview_seed": 0}},
@@ -236,6 +237,24 @@ def test_empty_prompt_without_clip_algorithm1_ddim_and_fixed_noise(models_dir, t
     assert torch.equal(free[0][~inside], src[~inside]) and (~inside).any()
     assert not torch.equal(free[0][painted], src[painted])
     assert not torch.equal(free[0][inside & ~painted], src[inside & ~painted])
+
+
+def test_ddim_inversion_start_is_deterministic_and_reconstructs(models_dir, tmp_path):
+    """NoiseImage's ddim_inversion: x_k is the DDIM inversion of the source, so unguided, unblended DDIM
+    results no longer depend on the seed (a blend would add fresh background noise each step) and stay
+    closer to the source than from a noised x_k (issue 7 item 5)."""
+    kw = dict(prompt="", clip=False, sampler="DDIM", class_label=3, skip=8, blend=False)
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        inv = runner.run_workflow(graph(invert=True, **kw), output_dir=tmp_path).outputs["8"][0]
+        other_seed = graph(invert=True, **kw)
+        other_seed["8"]["inputs"]["seed"] = 5
+        inv5 = runner.run_workflow(other_seed, output_dir=tmp_path).outputs["8"][0]
+        noised = runner.run_workflow(graph(**kw), output_dir=tmp_path).outputs["8"][0]
+    assert torch.equal(inv, inv5) and torch.equal(inv[0], inv[1]) and not torch.equal(noised[0], noised[1])
+    painted = _alpha_mask("bd_scene_mask.png")
+    src = torch.from_numpy(np.array(Image.open(EXAMPLES_DIR / "bd_scene_mask.png").convert("RGB"))) / 255
+    err = lambda out: (out[0][painted] - src[painted]).abs().mean()  # noqa: E731
+    assert err(inv) < err(noised)
 
 
 def test_prompt_without_clip_is_a_clear_error(models_dir):

@@ -85,6 +85,17 @@ def d_clip(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
     return (image_emb - text_emb).norm(dim=-1).div(2).arcsin().pow(2).mul(2)
 
 
+def _sequence_first(model: torch.nn.Module) -> None:
+    """Run the transformers sequence-first (L, N, D), as OpenAI's CLIP does; open_clip supports it.
+    Same math; batch-first attention hands strided views to F.linear, which on CPU made the CLIP part
+    of a guided step 1.3x slower in fp32 (tests/benchmark.py --clip-seq-first measured it)."""
+    for tr in (getattr(model.visual, "transformer", None), getattr(model, "transformer", None)):
+        if tr is not None and getattr(tr, "batch_first", False):
+            tr.batch_first = False
+            for block in tr.resblocks:
+                block.attn.batch_first = False
+
+
 def load_clip(path: str, device="cpu", precision: str = "fp32") -> ClipModel:
     """Load an OpenAI-format CLIP (TorchScript archive, .pt/.bin state dict or .safetensors)."""
     sd = read_state_dict(path, "an OpenAI CLIP checkpoint such as ViT-B-16.pt")
@@ -99,6 +110,7 @@ def load_clip(path: str, device="cpu", precision: str = "fp32") -> ClipModel:
             # open_clip builds in fp16 before loading; reload so fp32 weights keep their precision
             model = build_model_from_openai_state_dict(dict(sd), cast_dtype=None).float()
             model.load_state_dict(sd)
+            _sequence_first(model)
             model.to(device)
     except Exception as e:
         detail = (f"missing tensor {e.args[0]!r}" if isinstance(e, KeyError) else

@@ -1,5 +1,6 @@
 """Properties of the engine (models/): loaders, equality with guided-diffusion, background
 exactness, determinism, batch invariance, guidance, ranking, extrapolation."""
+import open_clip
 import pytest
 import torch
 
@@ -75,11 +76,14 @@ def test_pickle_with_code_is_refused(tmp_path):
 def test_clip_formats_agree(ckpt_dir, name):
     ref = tiny.tiny_clip().eval()
     clip = load_clip(str(ckpt_dir / name))
-    x = torch.rand(1, 3, 224, 224) * 2 - 1
+    x = torch.rand(3, 3, 224, 224) * 2 - 1  # a batch: the loader runs CLIP sequence-first
     with torch.no_grad():
         want = torch.nn.functional.normalize(ref.encode_image(clip.preprocess(x)), dim=-1)
     assert torch.allclose(clip.encode_image(clip.preprocess(x)), want, atol=1e-5)
     assert clip.encode_text("a dog") is clip.encode_text("a dog")  # cached
+    with torch.no_grad():
+        want_text = torch.nn.functional.normalize(ref.encode_text(open_clip.tokenize(["a dog"])), dim=-1)
+    assert torch.allclose(clip.encode_text("a dog"), want_text, atol=1e-5)
 
 
 # --- one step equals guided-diffusion --------------------------------------------------------

@@ -474,8 +474,8 @@ def parse_args(argv=None):
                    help="proposed engine change, patched onto the loaded ClipModel: CLIP encodes at most "
                         "this many views per call (0: the engine as it is, all views in one call)")
     p.add_argument("--clip-seq-first", action="store_true",
-                   help="proposed engine change, patched onto the loaded CLIP: its transformers run "
-                        "sequence-first (no strided batch-first attention inputs)")
+                   help="sequence-first CLIP transformers (no strided batch-first attention inputs); "
+                        "models/clip.py now does this itself, so this flag changes nothing")
     p.add_argument("--view-chunks", default="1",
                    help="lever: CLIP+aug timed with CLIP called on this many views at a time (comma list)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet and the CLIP image tower")

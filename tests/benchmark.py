@@ -1,7 +1,7 @@
 """Benchmark of the guided step (issue 5). Not part of the pass/fail suite; tests/test_benchmark_smoke.py
 runs it with the tiny configuration.
 
-    python tests/benchmark.py --config real --steps 2 --batch 1 --views 8 --device cpu
+    python tests/benchmark.py --config real --steps 2 --batch 1 --views 8 --device cpu --threads 1 --clock cpu
     python tests/benchmark.py --config small,tiny --steps 3 --channels-last
     python tests/benchmark.py --config real --device cuda --precision bf16 --batch 8 --compile
 
@@ -36,8 +36,14 @@ alike; the first ``--warmup`` rounds are discarded and the median of the rest is
   saves each step); the CLIP+aug piece with CLIP called on ``--view-chunks`` views at a time instead of
   all views in one call; the CLIP+aug piece with CLIP in bf16 autocast (same weights); model loading
   (what keeping models loaded saves). Their "ours would be" ratios substitute the piece into the
-  measured step (an estimate). ``--channels-last``, ``--compile``, ``--precision`` and
-  ``--clip-precision`` are whole-run switches: compare the ratios of two runs.
+  measured step (an estimate). ``--channels-last``, ``--compile``, ``--precision``,
+  ``--clip-precision``, ``--keep-freed-memory`` are whole-run switches: compare the ratios of two runs.
+- Proposed engine changes, patched onto the loaded CLIP of this process only (no engine file changes):
+  ``--clip-seq-first`` (open_clip's transformers run sequence-first) and ``--clip-views-per-call N``.
+
+On a CPU machine shared with other work, use ``--threads 1 --clock cpu``: process CPU time of one
+thread does not count the time other processes take, and 2 OpenMP threads on oversubscribed cores
+spend much of their time waiting for each other.
 
 Peak memory: on CUDA the max allocated per mode; on CPU the process's peak RSS (ru_maxrss), one number
 for the whole configuration (CPU has no per-phase peak counter).
@@ -46,6 +52,7 @@ On CUDA the device is synchronised only around the timed regions.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import resource
@@ -136,6 +143,34 @@ def cuda_peak_mib(device):
 
 def cpu_peak_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+@contextlib.contextmanager
+def keep_freed_memory(enabled: bool):
+    """CPU lever: glibc hands every block over 32 MiB back to the kernel when it is freed, so each UNet
+    activation is a fresh mmap whose pages the kernel faults in and zeroes again on every step (about
+    3 million page faults and 4-6 s of system time per real 256x256 forward+backward). mallopt
+    M_MMAP_MAX=0 (heap only) and a 2 GiB M_TRIM_THRESHOLD keep freed memory in the process; the same
+    as starting Python with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647. Restored after."""
+    libc = None
+    if enabled:
+        import ctypes
+        import ctypes.util
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+                raise OSError("mallopt refused")
+        except (OSError, AttributeError) as e:
+            raise SystemExit(f"--keep-freed-memory needs glibc's mallopt ({e})") from None
+    try:
+        yield
+    finally:
+        if libc is not None:  # glibc's defaults
+            libc.mallopt(M_MMAP_MAX, 65536)
+            libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc malloc.h
 
 
 # ---------------------------------------------------------------- the measured pieces
@@ -420,7 +455,7 @@ def run_config(name: str, args, ckpt_dir: Path) -> dict:
     per_round = [o / r for o, r in zip(ours[w:], bench.times["bare"][w:])]
     return dict(config=name, desc=CONFIGS[name]["desc"], device=str(dev), precision=args.precision,
                 clock=args.clock, stat=args.stat, clip_views_per_call=args.clip_views_per_call,
-                clip_seq_first=args.clip_seq_first,
+                clip_seq_first=args.clip_seq_first, keep_freed_memory=args.keep_freed_memory,
                 batch=b, views=args.views, steps=args.steps, warmup=args.warmup,
                 channels_last=args.channels_last, compile=args.compile, threads=torch.get_num_threads(),
                 clip_precision=clip.precision, ratio_per_step=per_round,
@@ -437,7 +472,7 @@ def format_table(res: dict) -> str:
             f"device {res['device']} ({res['threads']} threads), UNet {res['precision']}, "
             f"CLIP {res['clip_precision']}, batch {res['batch']}, "
             f"CLIP views per call {res['clip_views_per_call'] or 'all'}, "
-            f"CLIP sequence-first {res['clip_seq_first']}, "
+            f"CLIP sequence-first {res['clip_seq_first']}, keep freed memory {res['keep_freed_memory']}, "
             f"{res['views']} views, channels_last {res['channels_last']}, compile {res['compile']}, "
             f"{res['stat']} of {res['steps']} steps after {res['warmup']} warm-up, {res['clock']} clock")
     names = ("mode", "s/step", "UNet fwd", "UNet bwd", "CLIP+aug", "blend", "other",
@@ -485,6 +520,8 @@ def parse_args(argv=None):
                         "CPU machine, best with --threads 1 (CPU only)")
     p.add_argument("--stat", default="median", choices=("median", "min"),
                    help="how the timed steps are summarised (min resists load from other processes)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="CPU lever: glibc keeps freed memory in the process (no page faults every step)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-levers", action="store_true",
                    help="skip the lever rows (CLIP in chunks of views, CLIP in bf16, uncached text)")
@@ -517,7 +554,8 @@ def main(argv=None) -> list[dict]:
         _clock = CLOCK[args.clock]
         if args.threads:
             torch.set_num_threads(args.threads)
-        with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="bd_bench_") as tmp:
+        with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="bd_bench_") as tmp, \
+                keep_freed_memory(args.keep_freed_memory):
             warnings.filterwarnings("ignore", category=FutureWarning, module=".*guided_diffusion")
             ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else Path(tmp)
             ckpt_dir.mkdir(parents=True, exist_ok=True)

@@ -38,8 +38,9 @@ alike; the first ``--warmup`` rounds are discarded and the median of the rest is
   (what keeping models loaded saves). Their "ours would be" ratios substitute the piece into the
   measured step (an estimate). ``--channels-last``, ``--compile``, ``--precision``,
   ``--clip-precision``, ``--keep-freed-memory`` are whole-run switches: compare the ratios of two runs.
-- Proposed engine changes, patched onto the loaded CLIP of this process only (no engine file changes):
-  ``--clip-seq-first`` (open_clip's transformers run sequence-first) and ``--clip-views-per-call N``.
+- ``--clip-views-per-call N`` patches a proposed engine change onto the loaded CLIP of this process only.
+  ``--clip-seq-first`` was the other one; models/clip.py now does it (the flag changes nothing), and the
+  lever row "batch-first transformers" times the CLIP+aug piece the way the loader ran it before.
 
 On a CPU machine shared with other work, use ``--threads 1 --clock cpu``: process CPU time of one
 thread does not count the time other processes take, and 2 OpenMP threads on oversubscribed cores
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import resource
@@ -310,19 +312,32 @@ class Bench:
 
 
 def sequence_first(model) -> int:
-    """The engine change this benchmark proposes for models/clip.py, applied to this model only: run
-    open_clip's transformers sequence-first (L, N, D), as OpenAI's CLIP does. open_clip runs
-    nn.MultiheadAttention batch-first, which transposes to a strided (L, N, D) view and hands that to
-    F.linear; on CPU that costs x1.3 in fp32 and x8 under bf16 autocast for N > 1 (the weight gets
-    expanded and copied per token). Same math. Returns how many transformers were switched."""
-    n = 0
-    for tr in (getattr(getattr(model, "visual", None), "transformer", None), getattr(model, "transformer", None)):
-        if tr is not None and getattr(tr, "batch_first", False):
-            tr.batch_first = False
-            for block in tr.resblocks:
-                block.attn.batch_first = False
-            n += 1
-    return n
+    """Switch batch-first transformers to sequence-first (what models/clip.py now does on load: open_clip's
+    batch-first attention hands F.linear a strided (L, N, D) view, x1.3 slower on CPU in fp32 and x8
+    under bf16 autocast for N > 1). Returns how many transformers it switched."""
+    trs = [tr for tr in clip_transformers(model) if tr.batch_first]
+    for tr in trs:
+        tr.batch_first = False
+        for block in tr.resblocks:
+            block.attn.batch_first = False
+    return len(trs)
+
+
+def clip_transformers(model) -> list:
+    """open_clip's Transformer modules of a CLIP (image and text towers; none for a ResNet image tower)."""
+    return [tr for tr in (getattr(getattr(model, "visual", None), "transformer", None),
+                          getattr(model, "transformer", None))
+            if tr is not None and hasattr(tr, "batch_first") and hasattr(tr, "resblocks")]
+
+
+def set_batch_first(model, value: bool) -> int:
+    """Run open_clip's transformers batch-first (True, open_clip's default) or sequence-first (False)."""
+    trs = clip_transformers(model)
+    for tr in trs:
+        tr.batch_first = value
+        for block in tr.resblocks:
+            block.attn.batch_first = value
+    return len(trs)
 
 
 def split_clip_calls(clip, n: int):
@@ -395,6 +410,12 @@ def run_config(name: str, args, ckpt_dir: Path) -> dict:
     if not args.no_levers and clip.precision != "bf16":  # CLIP in bf16 autocast, same weights
         lever_guides["clip_aug_bf16"] = Guide(clip=ClipModel(clip.model, clip.path, "bf16"), prompt=prompt,
                                               augment=aug)
+    trs = clip_transformers(clip.model)
+    if not args.no_levers and trs and not any(tr.batch_first for tr in trs):  # the old loader's layout
+        bf = copy.deepcopy(clip.model)
+        set_batch_first(bf, True)
+        lever_guides["clip_aug_batch_first"] = Guide(clip=ClipModel(bf, clip.path, clip.precision),
+                                                     prompt=prompt, augment=aug)
     total = args.warmup + args.steps
     if total > ddpm.num_steps:
         raise SystemExit(f"--warmup + --steps = {total} is more than the {ddpm.num_steps} respaced steps")
@@ -448,6 +469,11 @@ def run_config(name: str, args, ckpt_dir: Path) -> dict:
             sec = t[f"clip_aug_chunk{chunk}"]
             levers.append(dict(lever=f"CLIP+aug, CLIP on {chunk} view(s) per call", seconds=sec,
                                note=f"x{sec / t['clip_aug']:.2f} the one call for all views; {instead(sec)}"))
+        if "clip_aug_batch_first" in t:
+            sec = t["clip_aug_batch_first"]
+            levers.append(dict(lever="CLIP+aug, batch-first CLIP transformers (the loader before 416dc05)",
+                               seconds=sec, note=f"x{sec / t['clip_aug']:.2f} the sequence-first CLIP; "
+                                                 f"{instead(sec)}"))
         if "clip_aug_bf16" in t:
             sec = t["clip_aug_bf16"]
             levers.append(dict(lever="CLIP+aug, CLIP in bf16 autocast", seconds=sec,

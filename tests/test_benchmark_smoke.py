@@ -105,3 +105,21 @@ def test_proposed_clip_changes_keep_the_embeddings(ckpt_dir):
     for name in ("split",):
         for a, b in zip(out[name], out["ref"]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_first_lever_is_the_old_layout(ckpt_dir):
+    """The lever row's batch-first copy computes what the sequence-first loader computes."""
+    import copy
+
+    import torch
+    from blended_diffusion.models import ClipModel, load_clip
+    clip = load_clip(str(ckpt_dir / "clip_sd.pt"))
+    assert benchmark.clip_transformers(clip.model) and not any(
+        tr.batch_first for tr in benchmark.clip_transformers(clip.model))
+    old = copy.deepcopy(clip.model)
+    assert benchmark.set_batch_first(old, True) == 2
+    assert all(b.attn.batch_first for b in old.visual.transformer.resblocks)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ClipModel(old).encode_image(x), clip.encode_image(x), rtol=1e-4, atol=1e-5)
+    assert benchmark.sequence_first(old) == 2 and benchmark.sequence_first(old) == 0

@@ -8,7 +8,9 @@ classifier-free-guided call stacks several such groups ("chunks", ComfyUI's ``co
 - cross-attention (Nk = prompt tokens): for sampling steps i < cross_replace_steps·N the edit rows get
   the source's maps, mapped onto the edit prompt's tokens: word swap (``replace_mapper``, equal word
   counts), refinement (``refine_mapper``, added words keep their own maps), optionally reweighted
-  per token (``token_scale``);
+  per token (``token_scale``); single words may have their own window (``word_windows``, the
+  reference's ``cross_replace_steps={"default_": .8, "dog": .4}``): outside it the word keeps the
+  edit's own map;
 - self-attention: for i < self_replace_steps·N the edit rows get the source's maps (only in layers with
   at most ``self_max_tokens`` queries; the reference uses 16×16 = 256 for SD1 at 512 px);
 - local blending (``LocalBlend``): after each step the edit latents are kept equal to the source's
@@ -293,13 +295,15 @@ class AttentionControl:
     scale: reweighting, [m, L] (or [L]) from ``token_scale``;
     neither mapper nor refine: the edit's token positions are the source's (same prompt, or
     injection only). cross_/self_replace_steps: fraction of the sampling steps (from the start) or a
-    (start, end) window. edit_uncond: also edit uncond chunks."""
+    (start, end) window. word_windows: per edit prompt, {token position of the edit prompt: window}
+    overriding cross_replace_steps for those tokens. edit_uncond: also edit uncond chunks."""
 
     def __init__(self, n_edits: int = 1, *, mapper: torch.Tensor | None = None,
                  refine: tuple[torch.Tensor, torch.Tensor] | None = None, scale: torch.Tensor | None = None,
                  cross_replace_steps: float | tuple[float, float] = 0.8,
                  self_replace_steps: float | tuple[float, float] = 0.4, self_max_tokens: int | None = None,
-                 local_blend: LocalBlend | None = None, edit_uncond: bool = False):
+                 local_blend: LocalBlend | None = None, edit_uncond: bool = False,
+                 word_windows: Sequence[dict[int, float | tuple[float, float]]] | None = None):
         if n_edits < 1:
             raise ValueError("prompt-to-prompt needs at least one edit prompt")
         if mapper is not None and refine is not None:
@@ -316,6 +320,11 @@ class AttentionControl:
             if v is not None and v.shape[0] != n_edits:
                 raise ValueError(f"{name} is for {v.shape[0]} edit prompts but n_edits = {n_edits}")
         self.cross_window = _window(cross_replace_steps)
+        self.word_windows = None
+        if word_windows is not None:
+            if len(word_windows) != n_edits:
+                raise ValueError(f"word_windows has {len(word_windows)} entries but n_edits = {n_edits}")
+            self.word_windows = [{int(p): _window(w) for p, w in ww.items()} for ww in word_windows]
         self.self_window = _window(self_replace_steps)
         self.self_max_tokens = self_max_tokens
         self.local_blend = local_blend
@@ -358,7 +367,7 @@ class AttentionControl:
         if self.total is None:
             return False
         if is_cross:
-            return self.local_blend is not None or _in_window(self.cross_window, self.step, self.total)
+            return self.local_blend is not None or self._cross_alpha() is not None
         return _in_window(self.self_window, self.step, self.total) and (
             self.self_max_tokens is None or n_q <= self.self_max_tokens)
 
@@ -380,7 +389,8 @@ class AttentionControl:
             kinds = [kind for kind in kinds for _ in range(b // len(kinds) // g)]
         else:
             kinds = [0] * (b // g)
-        cross_on = is_cross and _in_window(self.cross_window, self.step, self.total)
+        alpha = self._cross_alpha(n_k) if is_cross else None
+        cross_on = alpha is not None
         self_on = (not is_cross) and _in_window(self.self_window, self.step, self.total) and (
             self.self_max_tokens is None or n_q <= self.self_max_tokens)
         record = is_cross and self.local_blend is not None
@@ -392,7 +402,7 @@ class AttentionControl:
                 continue
             chunk = chunks[c]
             if cross_on:
-                chunk = torch.cat([chunk[:1], self._cross(chunk[0], chunk[1:], n_k)])
+                chunk = torch.cat([chunk[:1], self._cross(chunk[0], chunk[1:], n_k, alpha)])
             elif self_on:
                 chunk = torch.cat([chunk[:1], chunk[:1].expand(self.n_edits, -1, -1, -1)])
             if record and kind == 0:
@@ -400,8 +410,25 @@ class AttentionControl:
             chunks[c] = chunk
         return torch.stack(chunks).view(attn.shape)
 
-    def _cross(self, base: torch.Tensor, edits: torch.Tensor, n_k: int) -> torch.Tensor:
-        """base [H, Nq, Nk], edits [m, H, Nq, Nk] → new edit maps."""
+    def _cross_alpha(self, n_k: int | None = None) -> torch.Tensor | bool | None:
+        """Which edit tokens take the source's map at this step: None (none), True (all), or [m, Nk]
+        (1 = the source's map, 0 = the edit's own) when some words have their own window."""
+        on = _in_window(self.cross_window, self.step, self.total)
+        if not self.word_windows:
+            return True if on else None
+        if n_k is None:  # only asking whether any token is on
+            return True if on or any(_in_window(w, self.step, self.total)
+                                     for ww in self.word_windows for w in ww.values()) else None
+        alpha = torch.full((self.n_edits, n_k), float(on))
+        for e, ww in enumerate(self.word_windows):
+            for pos, w in ww.items():
+                if pos < n_k:
+                    alpha[e, pos] = float(_in_window(w, self.step, self.total))
+        return alpha if alpha.any() else None
+
+    def _cross(self, base: torch.Tensor, edits: torch.Tensor, n_k: int,
+               window: torch.Tensor | bool = True) -> torch.Tensor:
+        """base [H, Nq, Nk], edits [m, H, Nq, Nk] → new edit maps (window: see ``_cross_alpha``)."""
         for name, v in (("mapper", self.mapper), ("refine", self.refine and self.refine[0]),
                         ("scale", self.scale)):
             if v is not None and v.shape[-1] != n_k:
@@ -417,12 +444,15 @@ class AttentionControl:
             new = base[None].expand_as(edits)
         if self.scale is not None:
             new = new * self.scale.to(base)[:, None, None, :]
+        if isinstance(window, torch.Tensor):
+            a = window.to(base)[:, None, None, :]
+            new = new * a + edits * (1 - a)
         return new
 
 
 def prompt_to_prompt(source: TokenizedPrompt, edits: Sequence[TokenizedPrompt], mode: str = "replace", *,
                      reweight: dict[int | str, float] | None = None,
-                     cross_replace_steps: float | tuple[float, float] = 0.8,
+                     cross_replace_steps: float | tuple[float, float] | dict = 0.8,
                      self_replace_steps: float | tuple[float, float] = 0.4, self_max_tokens: int | None = None,
                      blend_words: tuple[Sequence[int | str], Sequence[int | str]] | None = None,
                      blend_threshold: float = 0.3, blend_start: float = 0.2,
@@ -430,11 +460,33 @@ def prompt_to_prompt(source: TokenizedPrompt, edits: Sequence[TokenizedPrompt], 
     """A controller from prompts. mode: "replace" (word swap), "refine" (added words) or "reweight"
     (the edit prompts equal the source; only ``reweight`` changes). ``reweight`` {word of the edit
     prompt: factor} applies on top of any mode. ``blend_words`` = (source words, edit words) turns on
-    local blending (the same edit words for every edit prompt)."""
+    local blending (the same edit words for every edit prompt). ``cross_replace_steps`` may be a dict as
+    in the reference code, {"default_": 0.8, "dog": 0.4, "hat": (0.2, 0.6)}: words of the edit prompts
+    with their own cross-attention window (the others use "default_", 0.8 when absent)."""
     edits = list(edits)
     if not edits:
         raise ValueError("give at least one edit prompt")
     kw = {}
+    if isinstance(cross_replace_steps, dict):
+        words = dict(cross_replace_steps)
+        cross_replace_steps = words.pop("default_", 0.8)
+        found = {w: False for w in words}
+        windows = []
+        for e in edits:
+            ww = {}
+            for w, win in words.items():
+                try:
+                    pos = e.positions(w)
+                except ValueError:
+                    continue
+                found[w] = True
+                ww.update({p: win for p in pos})
+            windows.append(ww)
+        missing = [w for w, hit in found.items() if not hit]
+        if missing:
+            raise ValueError(f"cross-attention windows for {missing}: not words of the edit prompt "
+                             f"{' '.join(edits[0].words)!r}; name words of the edit prompt")
+        kw["word_windows"] = windows
     if mode == "replace":
         kw["mapper"] = torch.stack([replace_mapper(source, e, max_len) for e in edits])
     elif mode == "refine":

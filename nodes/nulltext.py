@@ -492,6 +492,11 @@ class NullTextEdit:
             "blend_words": ("STRING", {"default": "", "tooltip":
                 "Local blending: words of the source and/or target prompt marking the region to change (e.g. "
                 "\"cat dog\"); outside their attention the result keeps the source. Empty = off."}),
+            "word_replace_steps": ("STRING", {"default": "", "tooltip":
+                "Per-word cross-attention windows overriding cross_replace_steps for words of the target "
+                "prompt, e.g. \"dog: 0.4, hat: 0.2-0.6\" (a fraction of the steps from the start, or a "
+                "start-end window). A swapped word with a shorter window takes more of its own shape. "
+                "Empty = off."}),
         }}
 
     RETURN_TYPES = ("IMAGE",)
@@ -504,7 +509,8 @@ class NullTextEdit:
                    "injecting the source's attention maps into the edit.")
 
     def edit(self, model, clip, vae, inversion, target_prompt="", mode="replace", cross_replace_steps=0.8,
-             self_replace_steps=0.4, reweight_words="", reweight_factor=1.0, guidance=7.5, blend_words=""):
+             self_replace_steps=0.4, reweight_words="", reweight_factor=1.0, guidance=7.5, blend_words="",
+             word_replace_steps=""):
         inv = inversion
         target = target_prompt.strip()
         if mode == "reweight" and not target:
@@ -525,9 +531,13 @@ class NullTextEdit:
                 raise ValueError(f"blend_words {words} are in neither prompt: name words of the caption "
                                  f"({inv.prompt!r}) or of the target ({target!r})")
             blend = (src_w, edit_w)
+        cross = cross_replace_steps
+        windows = word_windows(word_replace_steps)
+        if windows:
+            cross = {"default_": cross_replace_steps, **windows}
         h, w = inv.latents[0].shape[-2:]
         controller = p2p.prompt_to_prompt(src_tp, [edit_tp], mode, reweight=weights or None,
-                                          cross_replace_steps=cross_replace_steps,
+                                          cross_replace_steps=cross,
                                           self_replace_steps=self_replace_steps, self_max_tokens=h * w // 16,
                                           blend_words=blend, max_len=inv.cond.shape[1])
         if controller.local_blend is not None:
@@ -547,6 +557,24 @@ class NullTextEdit:
         finally:
             bar.close()
         return (sd.decode(vae, out),)
+
+
+def word_windows(text: str) -> dict[str, tuple[float, float]]:
+    """"dog: 0.4, hat: 0.2-0.6" → {"dog": (0, 0.4), "hat": (0.2, 0.6)}."""
+    out = {}
+    for item in filter(None, (t.strip() for t in (text or "").split(","))):
+        word, sep, val = item.rpartition(":")
+        word = word.strip()
+        try:
+            lo, _, hi = val.strip().partition("-")
+            win = (float(lo), float(hi)) if hi else (0.0, float(lo))
+        except ValueError:
+            win = None
+        if not sep or not word or win is None or not 0 <= win[0] <= win[1] <= 1:
+            raise ValueError(f"word_replace_steps item {item!r}: write \"word: fraction\" or \"word: start-end\" "
+                             "with 0 <= start <= end <= 1, items separated by commas (e.g. \"dog: 0.4\")")
+        out[word] = win
+    return out
 
 
 def _has(tp: p2p.TokenizedPrompt, word: str) -> bool:

@@ -325,6 +325,35 @@ def test_refine_and_reweight():
         p2p.prompt_to_prompt(tp(10, 11), [tp(10, 12)], "reweight", max_len=8)
 
 
+def test_per_word_cross_attention_windows():
+    # the reference's cross_replace_steps={"default_": 1.0, word: 0.5}: the swapped word "13" (position 2)
+    # takes the source's map for the first half of the steps only, then its own; other tokens all along
+    src, edit = tp(10, 11, 12), tp(10, 13, 12)
+    c = p2p.prompt_to_prompt(src, [edit], "replace", cross_replace_steps={"default_": 1.0, "13": 0.5},
+                             self_replace_steps=0.0, max_len=8)
+    a = probs(2)
+    c.begin_step(1, 10)
+    early = c(a, True, "x")
+    c.begin_step(7, 10)
+    late = c(a, True, "x")
+    assert torch.equal(early[0], a[0]) and torch.equal(late[0], a[0])
+    assert torch.allclose(early[1], a[0])                        # all tokens: the source's maps
+    assert torch.equal(late[1, ..., 2], a[1, ..., 2])             # the word's own map once its window ends
+    keep = [i for i in range(8) if i != 2]
+    assert torch.allclose(late[1][..., keep], a[0][..., keep])    # the others still the source's
+    # a word with a window while the default is off: only it is injected, and only inside its window
+    c = p2p.prompt_to_prompt(src, [edit], "replace", cross_replace_steps={"default_": 0.0, "13": (0.2, 0.4)},
+                             max_len=8)
+    c.begin_step(0, 10)
+    assert not c.wants(True, 16) and torch.equal(c(a, True, "x"), a)
+    c.begin_step(3, 10)
+    out = c(a, True, "x")
+    assert c.wants(True, 16) and torch.allclose(out[1, ..., 2], a[0, ..., 2])
+    assert torch.equal(out[1][..., keep], a[1][..., keep])
+    with pytest.raises(ValueError, match="not words of the edit prompt"):
+        p2p.prompt_to_prompt(src, [edit], "replace", cross_replace_steps={"99": 0.5}, max_len=8)
+
+
 def test_local_blend_keeps_the_source_outside_the_word_region():
     # the word (position 1) attends to the left half of a 4x4 grid in the source, top half in the edit
     lb = p2p.LocalBlend([[1], [1]], threshold=0.3, start=0.0)

@@ -272,6 +272,14 @@ def test_prompt_to_prompt_keeps_the_source_row(sd, inverted):
     for o in (ref, rew, blend):
         assert o.shape == (2, SIZE, SIZE, 3) and (o[0] - recon[0]).abs().max() < 1e-4
         assert (o[1] - o[0]).abs().max() > 1e-4
+    # per-word windows: the default's own window changes nothing; a shorter one for "dog" changes the edit only
+    kw.update(blend_words="")
+    (same,) = run("NullTextEdit", target_prompt="a photo of a dog", mode="replace", cross_replace_steps=0.8,
+                  self_replace_steps=0.4, word_replace_steps="dog: 0.8", **kw)
+    (short,) = run("NullTextEdit", target_prompt="a photo of a dog", mode="replace", cross_replace_steps=0.8,
+                   self_replace_steps=0.4, word_replace_steps="dog: 0-0.2", **kw)
+    assert torch.equal(same, out)
+    assert (short[0] - recon[0]).abs().max() < 1e-4 and (short[1] - out[1]).abs().max() > 1e-4
     assert "patches_replace" not in model.model_options.get("transformer_options", {})
 
 
@@ -285,6 +293,10 @@ def test_prompt_to_prompt_errors(sd, inverted):
         run("NullTextEdit", target_prompt="a photo of a (dog:1.3)", mode="replace", **kw)
     with pytest.raises(ValueError, match="neither prompt"):
         run("NullTextEdit", target_prompt="a photo of a dog", mode="replace", blend_words="tree", **kw)
+    with pytest.raises(ValueError, match="word: fraction"):
+        run("NullTextEdit", target_prompt="a photo of a dog", mode="replace", word_replace_steps="dog 0.4", **kw)
+    with pytest.raises(ValueError, match="not words of the edit prompt"):
+        run("NullTextEdit", target_prompt="a photo of a dog", mode="replace", word_replace_steps="tree: 0.4", **kw)
 
 
 def test_interrupt_mid_inversion_then_next_run_works(sd, image, inverted, monkeypatch):

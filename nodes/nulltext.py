@@ -18,25 +18,25 @@ SD1.x / SD2.x models only (4-channel latents, one cross-attention context, a dis
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
-import math
 import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..models import fidelity as fid
 from ..models import nulltext as nt
 from ..models import p2p
 from ..models.ddpm import thaw
+from ..models.fidelity import measure  # noqa: F401  (re-exported: what FidelityCurve measures with)
 from . import host
-from .common import CATEGORY, CLIP_T, DDPM_T, MAX_SEED, bchw_to_image, image_to_bchw, mask_to_bhw, resize_mask
+from .common import CATEGORY, CLIP_T, DDPM_T, MAX_SEED, bchw_to_image, image_to_bchw, mask_to_bhw
 
 log = logging.getLogger(__name__)
 
@@ -655,79 +655,16 @@ class NullTextSDEdit:
 
 
 # --------------------------------------------------------------------------------------------- evaluation
-def _floats(text: str, name: str, lo: float, hi: float) -> list[float]:
-    try:
-        vals = [float(v) for v in _words(text)]
-    except ValueError:
-        raise ValueError(f"{name} = {text!r}: give numbers separated by commas") from None
-    if not vals or any(not lo <= v <= hi for v in vals):
-        raise ValueError(f"{name} = {text!r}: give at least one value in [{lo}, {hi}]")
-    return vals
+def sdedit_runs(sd: SDModel, vae, inv: Inversion, cond: torch.Tensor, t0s: list[float], guidance: float, seed: int,
+                plain: bool = True) -> list[fid.Run]:
+    """The SDEdit points of a fidelity sweep (models/fidelity.py): every t0 after NULL-text inversion, then with
+    ``plain`` every t0 of plain SDEdit; each run decodes its result to [1, 3, H, W] in 0..1."""
+    methods = [("SDEdit after NULL-text inversion", "inversion")] + \
+        ([("plain SDEdit", "random noise")] if plain else [])
 
-
-def measure(images: torch.Tensor, source: torch.Tensor, clip, prompt: str, mask: torch.Tensor | None) -> list[tuple]:
-    """(LPIPS to the source, CLIP distance to the prompt) per image ([B, 3, H, W] 0..1)."""
-    from ..models.apps import clip_scores
-    from ..models.guidance import lpips_model
-    if source.shape[-2:] != images.shape[-2:]:
-        source = F.interpolate(source, size=images.shape[-2:], mode="bilinear", align_corners=False)
-    with torch.inference_mode(False), torch.no_grad():
-        lp = lpips_model()(images.float() * 2 - 1, source.float().expand_as(images) * 2 - 1).flatten()
-    m = None if mask is None else resize_mask(mask, images.shape[-2:])
-    dist = clip_scores(clip, images, m, prompt)
-    return [(float(lp[i]), float(dist[i])) for i in range(images.shape[0])]
-
-
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
-
-
-def plot(series: dict[str, list[tuple[str, float, float]]], title: str, size=(720, 520)) -> torch.Tensor:
-    """Fidelity (x: LPIPS to the source) versus editability (y: CLIP distance to the target) as an IMAGE
-    [1, H, W, 3], drawn with PIL: one line per series, each point labelled with its parameter."""
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
-    W, H = size
-    left, right, top, bottom = 80, 20, 40, 60
-    im = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(im)
-    font = ImageFont.load_default()
-    pts = [(x, y) for s in series.values() for _, x, y in s if math.isfinite(x) and math.isfinite(y)]
-    xs, ys = [p[0] for p in pts] or [0.0, 1.0], [p[1] for p in pts] or [0.0, 1.0]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
-    pad_x, pad_y = (x1 - x0) * 0.08 or 0.05, (y1 - y0) * 0.08 or 0.05
-    x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, y0 - pad_y, y1 + pad_y
-
-    def px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (W - left - right),
-                H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom))
-
-    d.rectangle([left, top, W - right, H - bottom], outline=(0, 0, 0))
-    for i in range(6):
-        fx, fy = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
-        gx, _ = px(fx, y0)
-        _, gy = px(x0, fy)
-        d.line([gx, top, gx, H - bottom], fill=(225, 225, 225))
-        d.line([left, gy, W - right, gy], fill=(225, 225, 225))
-        d.text((gx - 14, H - bottom + 6), f"{fx:.3f}", fill=(0, 0, 0), font=font)
-        d.text((8, gy - 6), f"{fy:.4f}", fill=(0, 0, 0), font=font)
-    d.text((left, H - 22), "LPIPS to the source (lower = more faithful)", fill=(0, 0, 0), font=font)
-    d.text((left, 8), title, fill=(0, 0, 0), font=font)
-    d.text((left, 22), "y: CLIP distance to the target prompt (lower = closer to the prompt)", fill=(0, 0, 0),
-           font=font)
-    for n, (name, s) in enumerate(series.items()):
-        color = COLORS[n % len(COLORS)]
-        line = [px(x, y) for _, x, y in s if math.isfinite(x) and math.isfinite(y)]
-        if len(line) > 1:
-            d.line(line, fill=color, width=2)
-        for (label, x, y), p in zip([q for q in s if math.isfinite(q[1]) and math.isfinite(q[2])], line):
-            d.ellipse([p[0] - 4, p[1] - 4, p[0] + 4, p[1] + 4], fill=color)
-            d.text((p[0] + 6, p[1] - 12), label, fill=color, font=font)
-        ly = top + 8 + 16 * n
-        d.rectangle([W - right - 200, ly, W - right - 188, ly + 10], fill=color)
-        d.text((W - right - 182, ly - 1), name, fill=(0, 0, 0), font=font)
-    arr = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
-    return arr[None]
+    def make(t0: float, start: str):
+        return lambda: image_to_bchw(sd.decode(vae, sdedit_run(sd, inv, cond, t0, guidance, start, seed)))
+    return [fid.Run(name, "t0", t0, make(t0, start)) for name, start in methods for t0 in t0s]
 
 
 class FidelityCurve:
@@ -787,66 +724,45 @@ class FidelityCurve:
         prompt = target_prompt.strip()
         if not prompt:
             raise ValueError("Fidelity Curve: give the target prompt the results are scored against")
-        t0s = _floats(t0_values, "t0_values", 1e-6, 1.0)
+        t0s = fid.parse_values(t0_values, "t0_values", 1e-6, 1.0)
         skips = []
         if ddpm is not None:
             if mask is None:
                 raise ValueError("Fidelity Curve: the Blended Diffusion sweep needs a mask (the region to edit)")
-            skips = [int(s) for s in _floats(skip_timesteps, "skip_timesteps", 0, ddpm.num_steps - 1)]
+            skips = [int(s) for s in fid.parse_values(skip_timesteps, "skip_timesteps", 0, ddpm.num_steps - 1)]
         source = image_to_bchw(inv.source)
         m = None if mask is None else mask_to_bhw(mask)[:1]
         cond = encode_text(clip, prompt)
         sd = SDModel(model)
         _check_model(sd, inv)
-        methods = [("SDEdit after NULL-text inversion", "inversion")] + \
-            ([("plain SDEdit", "random noise")] if plain_sdedit else [])
-        total = len(t0s) * len(methods) + len(skips)
-        bar = host.progress(total, "fidelity curve")
-        rows, images, done = [], [], 0
+        runs = sdedit_runs(sd, vae, inv, cond, t0s, guidance, seed, plain_sdedit)
+        if skips:
+            from ..models import AugmentSettings, Guide
+            guide = Guide(clip=guidance_clip, prompt=prompt, augment=AugmentSettings(num_views=num_views))
+            runs += fid.blended_runs(ddpm, guide, source, m, skips, seed=seed,
+                                     callback=lambda *a: host.check_interrupt())
+        bar = host.progress(len(runs), "fidelity curve")
+        rows, images = [], []
         try:
-            for name, start in methods:
-                for t0 in t0s:
-                    out = sdedit_run(sd, inv, cond, t0, guidance, start, seed)
-                    img = image_to_bchw(sd.decode(vae, out))
-                    (lp, dist), = measure(img, source, guidance_clip, prompt, m)
-                    rows.append((name, "t0", t0, lp, dist))
-                    images.append(img)
-                    done += 1
-                    bar.update(done)
-                    host.check_interrupt()
-            if skips:
-                from ..models import AugmentSettings, Guide, edit
-                guide = Guide(clip=guidance_clip, prompt=prompt, augment=AugmentSettings(num_views=num_views))
-                for s in skips:
-                    out = edit(ddpm, source, m, guide, skip_timesteps=s, seed=seed,
-                               callback=lambda *a: host.check_interrupt())
-                    (lp, dist), = measure(out, source, guidance_clip, prompt, m)
-                    rows.append(("Blended Diffusion", "skip_timesteps", s, lp, dist))
-                    images.append(out)
-                    done += 1
-                    bar.update(done)
+            for row, img in fid.sweep(runs, source, guidance_clip, prompt, m):
+                rows.append(row)
+                images.append(img)
+                bar.update(len(rows))
+                host.check_interrupt()
         finally:
             bar.close()
-        buf = io.StringIO()
-        wr = csv.writer(buf, lineterminator="\n")
-        wr.writerow(["method", "parameter", "value", "lpips", "clip_distance"])
-        for r in rows:
-            wr.writerow([r[0], r[1], f"{r[2]:g}", f"{r[3]:.6f}", f"{r[4]:.6f}"])
-        text = buf.getvalue()
-        series: dict[str, list] = {}
-        for name, param, v, lp, dist in rows:
-            series.setdefault(name, []).append((f"{'t0' if param == 't0' else 'skip'}={v:g}", lp, dist))
-        fig = plot(series, f"Fidelity vs editability: {prompt[:60]!r}")
+        text = fid.csv_text(rows)
+        fig = fid.figure(rows, prompt)
         png, csv_path = self._write(fig, text, filename_prefix)
         log.info("fidelity curve written to %s and %s", png, csv_path)
         size = images[0].shape[-2:]
         images = torch.cat([x if x.shape[-2:] == size else
                             F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in images])
-        return {"ui": {"text": [text]}, "result": (fig, text, bchw_to_image(images))}
+        plot = torch.from_numpy(np.asarray(fig, dtype=np.float32) / 255.0)[None]
+        return {"ui": {"text": [text]}, "result": (plot, text, bchw_to_image(images))}
 
     @staticmethod
-    def _write(fig: torch.Tensor, text: str, prefix: str) -> tuple[Path, Path]:
-        from PIL import Image
+    def _write(fig, text: str, prefix: str) -> tuple[Path, Path]:
         prefix = prefix.strip() or "nulltext/fidelity"
         if Path(prefix).is_absolute() or ".." in Path(prefix).parts:
             raise ValueError(f"filename_prefix {prefix!r} must be relative to the output folder")
@@ -858,7 +774,7 @@ class FidelityCurve:
         while taken(n):
             n += 1
         png, csv_path = base.parent / f"{base.name}_{n:05d}.png", base.parent / f"{base.name}_{n:05d}.csv"
-        Image.fromarray((fig[0].numpy() * 255).round().astype("uint8")).save(png)
+        fig.save(png)
         csv_path.write_text(text)
         return png, csv_path
 

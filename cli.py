@@ -1,8 +1,9 @@
-"""Command line: ``python -m blended_diffusion {edit,extrapolate,rank,run,weights} ...``
+"""Command line: ``python -m blended_diffusion {edit,extrapolate,rank,fidelity,run,weights} ...``
 (also installed as the ``blended-diffusion`` console script).
 
 ``edit`` takes the official code's flags with their defaults (omriav/blended-diffusion main.py), so an
-old command line can be pasted after ``edit`` (or with no subcommand at all). It never imports ComfyUI.
+old command line can be pasted after ``edit`` (or with no subcommand at all). Only ``fidelity --sd-checkpoint``
+imports ComfyUI (it loads Stable Diffusion checkpoints through ``comfy.sd``); everything else runs without it.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ summary = logging.getLogger("blended_diffusion.cli.summary")  # final lines, to 
 PACK_ROOT = Path(__file__).resolve().parent
 EXAMPLES_DIR = PACK_ROOT / "example_images"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-SUBCOMMANDS = ("edit", "extrapolate", "rank", "run", "weights")
+SUBCOMMANDS = ("edit", "extrapolate", "rank", "fidelity", "run", "weights")
 
 # The bundled example that `edit` / `extrapolate` use without -i: (image, mask, prompt), first found.
 EXAMPLE_CANDIDATES = (
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                "command line (main.py -p ... -i ... --mask ...) works pasted after `edit`, or alone.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages and full tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and the summary")
-    sub = parser.add_subparsers(dest="command", metavar="{edit,extrapolate,rank,run,weights}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
 
     # edit -------------------------------------------------------------------------------------
     e = sub.add_parser("edit", help="edit the masked region of an image to match a prompt",
@@ -155,6 +156,58 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output_path", type=str, default="output",
                    help="copies go to <output_path>/ranked, the JSON to <output_path>/rank.json")
     _add_model_args(r, ddpm=False)
+
+    # fidelity ---------------------------------------------------------------------------------
+    f = sub.add_parser("fidelity", help="fidelity/editability curve: LPIPS to the source vs CLIP distance to the "
+                                        "prompt over a sweep (plot + CSV)",
+                       description="The supplement's fidelity/editability measurement: each result's LPIPS to the "
+                                   "source (whole image) against its CLIP distance to the prompt (inside the mask; "
+                                   "the whole image without one). With --mask: Blended Diffusion over "
+                                   "--skip-timesteps. With --sd-checkpoint: SDEdit over --t0 after NULL-text "
+                                   "inversion and plain (needs ComfyUI to load the checkpoint). Both give one plot. "
+                                   "Writes <output_path>/fidelity.png, fidelity.csv (method, parameter, value, "
+                                   "lpips, clip_distance) and fidelity.json. Without -i/--mask/--sd-checkpoint, "
+                                   "sweeps the bundled example.")
+    f.add_argument("-p", "--prompt", type=str, default=None,
+                   help="the target prompt: the edits go towards it and every result is scored against it")
+    f.add_argument("-i", "--init_image", type=str, default=None, help="the source image")
+    f.add_argument("--mask", type=str, default=None,
+                   help="mask image (read as for edit): the region Blended Diffusion edits and the CLIP distance "
+                        "is measured in")
+    f.add_argument("--invert_mask", action="store_true", help="use the outside of the mask instead")
+    f.add_argument("--skip-timesteps", "--skip_timesteps", dest="skip_timesteps", default="20,40,60,80",
+                   metavar="N,N,...", help="Blended Diffusion sweep: skipped steps of the respaced schedule "
+                                           "(more = closer to the source; default 20,40,60,80)")
+    _add_diffusion_args(f)
+    g = f.add_argument_group("SDEdit with and without NULL-text inversion (Stable Diffusion 1.x/2.x via ComfyUI)")
+    g.add_argument("--sd-checkpoint", dest="sd_checkpoint", metavar="FILE", default=None,
+                   help="an SD1.x/SD2.x checkpoint (.safetensors/.ckpt with its VAE and text encoder), loaded "
+                        "with ComfyUI's comfy.sd")
+    g.add_argument("--comfyui", metavar="DIR", default=None,
+                   help="the ComfyUI installation to load it with; this Python must have its requirements "
+                        "(default: $COMFYUI_PATH)")
+    g.add_argument("--source-prompt", dest="source_prompt", metavar="CAPTION", default=None,
+                   help="a caption of the source image: NULL-text inversion starts from it")
+    g.add_argument("--inversion", metavar="FILE", default=None,
+                   help="a saved inversion (ComfyUI's Save Inversion, or --save-inversion) instead of inverting "
+                        "-i; its source image is the sweep's source")
+    g.add_argument("--save-inversion", dest="save_inversion", metavar="FILE", default=None,
+                   help="also keep the inversion made here (.safetensors, loadable with --inversion or Load "
+                        "Inversion)")
+    g.add_argument("--steps", type=int, default=None, help="DDIM steps of the inversion (default 50)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default 7.5, or the inversion's with --inversion)")
+    g.add_argument("--inner-steps", dest="inner_steps", type=int, default=10,
+                   help="NULL-text optimisation: Adam steps per DDIM step (default 10; 0 = plain DDIM inversion)")
+    g.add_argument("--t0", default="0.2,0.4,0.6,0.8,1.0", metavar="T,T,...",
+                   help="SDEdit strengths to sweep, fractions of the DDIM steps in (0, 1] (default "
+                        "0.2,0.4,0.6,0.8,1.0)")
+    g.add_argument("--no-plain-sdedit", dest="plain_sdedit", action="store_false",
+                   help="only SDEdit after NULL-text inversion (no plain SDEdit from random noise)")
+    f.add_argument("--save-images", "--save_images", dest="save_images", action="store_true",
+                   help="also save every result to <output_path>/fidelity_images/")
+    f.add_argument("--output_path", type=str, default="output", help="output folder")
+    _add_model_args(f)
 
     # run --------------------------------------------------------------------------------------
     u = sub.add_parser("run", help="execute a workflows/api/*.json graph without ComfyUI",
@@ -329,6 +382,15 @@ def load_mask(path: str | Path, size_hw: tuple[int, int], invert: bool = False):
     return torch.from_numpy(m.astype(np.float32))[None]
 
 
+def checked_mask(path: str, size_hw: tuple[int, int], invert: bool):
+    """A mask file at the image size that selects at least one pixel."""
+    mask = load_mask(path, size_hw, invert)
+    if not (mask > 0).any():
+        raise CLIError(f"the mask {path} selects no pixel" + (" after --invert_mask" if invert else "")
+                       + ": paint the region to edit in white (any non-zero value) on black")
+    return mask
+
+
 def to_pil(t):
     """[3, H, W] 0..1 → PIL RGB."""
     from PIL import Image
@@ -476,11 +538,7 @@ def cmd_edit(args) -> int:
     image = load_image(args.init_image)
     h, w = image.shape[-2:]
     if args.mask is not None:
-        mask = load_mask(args.mask, (h, w), args.invert_mask)
-        if not (mask > 0).any():
-            raise CLIError(f"the mask {args.mask} selects no pixel"
-                           + (" after --invert_mask" if args.invert_mask else "")
-                           + ": paint the region to edit in white (any non-zero value) on black")
+        mask = checked_mask(args.mask, (h, w), args.invert_mask)
         mask_source = "mask file"
     elif (own := transparent_region(args.init_image)) is not None:
         log.info("no --mask: editing the transparent pixels of %s (ComfyUI's convention)", args.init_image)
@@ -738,6 +796,252 @@ def cmd_rank(args) -> int:
     return 0
 
 
+# --- fidelity -----------------------------------------------------------------------------------
+COMFYUI_FIX = ("--sd-checkpoint loads the Stable Diffusion checkpoint with ComfyUI: give --comfyui DIR (or set "
+               "COMFYUI_PATH) naming a ComfyUI installation, and run this command with a Python that has ComfyUI's "
+               "requirements (pip install -r DIR/requirements.txt)")
+
+
+def import_comfyui(path: str | None, device) -> None:
+    """Make ComfyUI importable: ``path`` (or $COMFYUI_PATH) is added to sys.path, and without a CUDA device
+    ComfyUI runs on the CPU (its --cpu, set before comfy.model_management is imported). Never installs it."""
+    import os
+
+    import torch
+    path = path or os.environ.get("COMFYUI_PATH") or None
+    where = ""
+    if path:
+        root = Path(path).expanduser().resolve()
+        if not (root / "comfy" / "sd.py").is_file():
+            raise CLIError(f"--comfyui {path}: not a ComfyUI installation (it has no comfy/sd.py). {COMFYUI_FIX}")
+        if str(root) not in sys.path:
+            sys.path.append(str(root))
+        where = f" at {root}"
+    try:
+        from comfy.cli_args import args as comfy_args
+        if "comfy.model_management" not in sys.modules and (device.type == "cpu" or not torch.cuda.is_available()):
+            comfy_args.cpu = True
+        import comfy.model_management  # noqa: F401
+        import comfy.sd  # noqa: F401
+    except ImportError as e:
+        if not path:
+            raise CLIError(f"ComfyUI is not importable here ({e}). {COMFYUI_FIX}") from None
+        raise CLIError(f"ComfyUI{where} does not import with this Python ({e}). {COMFYUI_FIX}") from None
+
+
+def load_sd_checkpoint(path: Path):
+    """(MODEL, CLIP, VAE) of a Stable Diffusion checkpoint, loaded as ComfyUI's Load Checkpoint does."""
+    import comfy.sd
+    try:
+        out = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True,
+                                                    embedding_directory=None)
+    except Exception as e:  # ComfyUI raises RuntimeError and others for files it cannot read
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CLIError(f"--sd-checkpoint {path}: ComfyUI could not load it ({first}); give a Stable Diffusion "
+                       "1.x/2.x checkpoint") from None
+    model, clip, vae = out[:3]
+    if model is None or clip is None or vae is None or getattr(vae, "first_stage_model", True) is None:  # no VAE keys
+        raise CLIError(f"--sd-checkpoint {path}: the file lacks the UNet, text encoder or VAE: give a full "
+                       "Stable Diffusion 1.x/2.x checkpoint")
+    return model, clip, vae
+
+
+def center_crop(x, ratio: int):
+    """[B, C, H, W] → sides cropped to multiples of ``ratio`` around the centre (as ComfyUI's VAE encode)."""
+    h, w = x.shape[-2:]
+    hh, ww = h // ratio * ratio, w // ratio * ratio
+    return x[..., (h - hh) // 2:(h - hh) // 2 + hh, (w - ww) // 2:(w - ww) // 2 + ww]
+
+
+def _slug(text: str) -> str:
+    import re
+    return re.sub(r"[^a-z0-9.]+", "_", text.lower()).strip("_")
+
+
+def sdedit_sweep(args, ckpt: Path, inv_file: Path | None, image, mask, prompt: str, t0s: list[float],
+                 record: dict):
+    """The SDEdit half of ``fidelity``: load the checkpoint with ComfyUI, invert -i (or load --inversion), and
+    list the runs. Returns (runs, the inversion's source [1, 3, H, W], the mask at its size)."""
+    from .nodes import nulltext as ntn
+    log.info("loading %s with ComfyUI", ckpt)
+    model, sd_clip, vae = load_sd_checkpoint(ckpt)
+    if inv_file is not None:
+        inv = ntn.Inversion.from_file(inv_file)
+        guidance = inv.guidance if args.guidance is None else args.guidance
+        ntn._guidance_note(inv, guidance)
+        if args.mask is not None:
+            mask = checked_mask(args.mask, tuple(inv.source.shape[1:3]), args.invert_mask)
+    else:
+        guidance = 7.5 if args.guidance is None else args.guidance
+        ratio = int(getattr(vae, "spacial_compression_encode", lambda: 8)())
+        if image.shape[-1] % ratio or image.shape[-2] % ratio:  # crop the mask as the VAE crops the image
+            log.info("image cropped from %dx%d to multiples of %d around the centre for the VAE",
+                     image.shape[-1], image.shape[-2], ratio)
+            image = center_crop(image, ratio)
+            mask = None if mask is None else center_crop(mask, ratio)
+        res = ntn.NullTextInvert().invert(model, sd_clip, vae, image.movedim(1, -1), args.source_prompt,
+                                          steps=args.steps or 50, guidance=guidance,
+                                          inner_steps=args.inner_steps, global_null=False)
+        inv = res["result"][0]
+        record["inversion_report"] = json.loads(res["result"][2])
+        if args.save_inversion:
+            inv.to_file(Path(args.save_inversion).expanduser())
+            log.info("saved the inversion to %s", args.save_inversion)
+    source = inv.source.movedim(-1, 1).float()
+    record["resolved"].update({"source_prompt": inv.prompt, "steps": inv.steps, "guidance": guidance,
+                               "inversion": str(inv_file.resolve()) if inv_file else None,
+                               "source_size": [source.shape[-1], source.shape[-2]]})
+    cond = ntn.encode_text(sd_clip, prompt)
+    sd = ntn.SDModel(model)
+    ntn._check_model(sd, inv)
+    return ntn.sdedit_runs(sd, vae, inv, cond, t0s, guidance, args.seed, args.plain_sdedit), source, mask
+
+
+def cmd_fidelity(args) -> int:
+    import torch
+
+    from .models import AugmentSettings, Guide
+    from .models import fidelity as fid
+
+    sd_mode = args.sd_checkpoint is not None
+    if not sd_mode:
+        for flag, value in (("--inversion", args.inversion), ("--source-prompt", args.source_prompt),
+                            ("--save-inversion", args.save_inversion)):
+            if value is not None:
+                raise CLIError(f"{flag} belongs to the SDEdit sweep: give --sd-checkpoint FILE too")
+        if args.init_image is None and args.mask is None:
+            image_path, mask_path, example_prompt = find_example()
+            args.init_image, args.mask = str(image_path), (str(mask_path) if mask_path else None)
+            if args.prompt is None:
+                args.prompt = example_prompt
+            log.info("no -i/--mask: sweeping the bundled example %s with the prompt %r", image_path.name,
+                     args.prompt)
+        if args.init_image is None:
+            raise CLIError("--mask given without -i/--init_image: give the image the mask belongs to")
+        if args.mask is None:
+            raise CLIError("the Blended Diffusion sweep needs --mask MASK (the region to edit and score); for the "
+                           "SDEdit sweep give --sd-checkpoint FILE")
+    if args.prompt is None or not args.prompt.strip():
+        raise CLIError("-p/--prompt is required: the target prompt every result is scored against")
+    prompt = args.prompt.strip()
+    if args.aug_num < 1:
+        raise CLIError(f"--aug_num = {args.aug_num}: it must be at least 1")
+    check_weights(args, ("clip_guidance_lambda", "range_lambda"))
+    skips: list[int] = []
+    if args.mask is not None:
+        n = count_steps(args.timestep_respacing)
+        skips = [int(v) for v in fid.parse_values(args.skip_timesteps, "--skip-timesteps", 0, n - 1)]
+    ckpt = inv_file = None
+    t0s: list[float] = []
+    if sd_mode:
+        ckpt = Path(args.sd_checkpoint).expanduser()
+        if not ckpt.is_file():
+            raise CLIError(f"--sd-checkpoint {args.sd_checkpoint}: file not found")
+        if args.inversion is not None:
+            inv_file = Path(args.inversion).expanduser()
+            if not inv_file.is_file():
+                raise CLIError(f"--inversion {args.inversion}: file not found (save one with --save-inversion or "
+                               "ComfyUI's Save Inversion)")
+            if args.init_image is not None:
+                log.warning("-i %s ignored: the inversion %s holds its own source image", args.init_image, inv_file)
+            if args.steps is not None:
+                log.warning("--steps ignored: the inversion fixes the DDIM steps")
+        elif args.init_image is None:
+            raise CLIError("--sd-checkpoint needs -i IMAGE to invert (with --source-prompt CAPTION), or --inversion "
+                           "FILE")
+        elif not (args.source_prompt or "").strip():
+            raise CLIError("--source-prompt CAPTION is required to invert -i: NULL-text inversion starts from a "
+                           "caption of the image")
+        if args.steps is not None and args.steps < 2:
+            raise CLIError(f"--steps = {args.steps}: it must be at least 2")
+        if args.inner_steps < 0:
+            raise CLIError(f"--inner-steps = {args.inner_steps}: it must be >= 0")
+        if args.guidance is not None and not 1 <= args.guidance < float("inf"):
+            raise CLIError(f"--guidance = {args.guidance}: it must be a finite number >= 1")
+        t0s = fid.parse_values(args.t0, "--t0", 1e-6, 1.0)
+    out_dir = Path(args.output_path)
+
+    device = resolve_device(args.device, args.gpu_id)
+    if sd_mode:
+        import_comfyui(args.comfyui, device)  # before any model is loaded: a missing ComfyUI fails fast
+    image = load_image(args.init_image) if args.init_image is not None and inv_file is None else None
+    mask = None
+    if args.mask is not None and image is not None:
+        mask = checked_mask(args.mask, tuple(image.shape[-2:]), args.invert_mask)
+    ddpm, clip, device, precision, ddpm_file, clip_file = load_models(
+        args, need_ddpm=bool(skips), need_clip=True, respacing=args.timestep_respacing)
+    record = {"command": "fidelity", "argv": args.argv, "parameters": parameters(args),
+              "resolved": {"init_image": str(Path(args.init_image).resolve()) if image is not None else None,
+                           "mask": str(Path(args.mask).resolve()) if args.mask else None,
+                           "model": str(ddpm_file) if ddpm_file else None, "clip": str(clip_file),
+                           "device": str(device), "precision": precision, "prompt": prompt,
+                           "sd_checkpoint": str(ckpt.resolve()) if ckpt else None,
+                           "lpips": "to the source, whole image",
+                           "clip_distance": "D_CLIP to the prompt inside the mask" if args.mask else
+                                            "D_CLIP to the prompt, whole image"},
+              "rows": [], "interrupted": False}
+    t_start = time.time()
+    runs: list = []
+    context = torch.inference_mode() if sd_mode else contextlib.nullcontext()  # ComfyUI's own mode for its models
+    with context:
+        if sd_mode:
+            runs, source, mask = sdedit_sweep(args, ckpt, inv_file, image, mask, prompt, t0s, record)
+        else:
+            source = image
+        if skips:
+            guide = Guide(clip=clip, prompt=prompt, clip_lambda=args.clip_guidance_lambda,
+                          range_lambda=args.range_lambda, augment=AugmentSettings(num_views=args.aug_num))
+            runs += fid.blended_runs(ddpm, guide, source, mask, skips, seed=args.seed, ddim=args.ddim)
+
+        from tqdm.auto import tqdm
+        rows, images = [], []
+        bar = tqdm(total=len(runs), desc="fidelity curve", unit="result", file=sys.stderr, dynamic_ncols=True)
+        bar.set_postfix_str(f"{runs[0].method} {fid.label(runs[0].parameter, runs[0].value)}")
+        try:
+            for row, img in fid.sweep(runs, source, clip, prompt, mask):
+                rows.append(row)
+                images.append(img)
+                bar.update()
+                if len(rows) < len(runs):
+                    nxt = runs[len(rows)]
+                    bar.set_postfix_str(f"{nxt.method} {fid.label(nxt.parameter, nxt.value)}")
+        except KeyboardInterrupt:
+            record["interrupted"] = True
+        finally:
+            bar.close()
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path, csv_path = (out_dir / f"fidelity.{ext}" for ext in ("json", "png", "csv"))
+    for k, (row, img) in enumerate(zip(rows, images), 1):
+        entry = {"method": row.method, "parameter": row.parameter, "value": row.value, "lpips": row.lpips,
+                 "clip_distance": row.clip_distance, "file": None}
+        if args.save_images:
+            name = f"{k:02d}_{_slug(row.method)}_{_slug(fid.label(row.parameter, row.value))}.png"
+            (out_dir / "fidelity_images").mkdir(exist_ok=True)
+            to_pil(img[0]).save(out_dir / "fidelity_images" / name)
+            entry["file"] = f"fidelity_images/{name}"
+        record["rows"].append(entry)
+    if rows:
+        csv_path.write_text(fid.csv_text(rows))
+        fid.figure(rows, prompt).save(png_path)
+    else:  # no curve from an earlier run may pass for this one's
+        csv_path.unlink(missing_ok=True)
+        png_path.unlink(missing_ok=True)
+    record["elapsed_s"] = round(time.time() - t_start, 2)
+    write_json(json_path, record)
+    for row in rows:
+        summary.info("%-34s %s: LPIPS %.4f, D_CLIP %.4f", row.method, fid.label(row.parameter, row.value),
+                     row.lpips, row.clip_distance)
+    if record["interrupted"]:
+        log.warning("interrupted: kept the %d finished result(s) of %d", len(rows), len(runs))
+    if rows:
+        summary.info("fidelity curve of %d result(s): plot %s, CSV %s (parameters %s)", len(rows), png_path,
+                     csv_path, json_path)
+    else:
+        summary.info("no finished result; parameters in %s", json_path)
+    return 130 if record["interrupted"] else 0
+
+
 # --- run ----------------------------------------------------------------------------------------
 def parse_override(text: str) -> tuple[str, str, object]:
     """'3.seed=5' → ('3', 'seed', 5); values are JSON when they parse, else strings."""
@@ -884,8 +1188,8 @@ def cmd_weights(args) -> int:
     return 1 if missing else 0
 
 
-COMMANDS = {"edit": cmd_edit, "extrapolate": cmd_extrapolate, "rank": cmd_rank, "run": cmd_run,
-            "weights": cmd_weights}
+COMMANDS = {"edit": cmd_edit, "extrapolate": cmd_extrapolate, "rank": cmd_rank, "fidelity": cmd_fidelity,
+            "run": cmd_run, "weights": cmd_weights}
 
 
 @contextlib.contextmanager

@@ -438,3 +438,165 @@ def test_weights_download_from_local_server(tmp_path, ckpt_dir, monkeypatch, cap
         assert got.read_bytes() == (ckpt_dir / wf.name).read_bytes()
         assert not got.with_name(wf.name + ".part").exists()
         assert wf.name in cap.err  # its progress bar
+
+
+# --- fidelity -----------------------------------------------------------------------------------
+def _csv_rows(path: Path) -> list[list[str]]:
+    lines = path.read_text().strip().split("\n")
+    assert lines[0] == "method,parameter,value,lpips,clip_distance"
+    return [line.split(",") for line in lines[1:]]
+
+
+def test_fidelity_blended_sweep_end_to_end(tmp_path, small_unet, ckpt_dir, photo, capsys):
+    """One row per skip value in the given order, finite numbers that are the measurements of the results
+    (re-measured from the saved images), results that keep the source outside the mask, and the plot."""
+    from blended_diffusion.models import fidelity as fid
+    from blended_diffusion.models import load_clip
+    img, mask = photo
+    out = tmp_path / "f"
+    rc, cap = run_cli(["fidelity", "-p", "a red square", "-i", img, "--mask", mask, "--model", small_unet,
+                       "--clip", ckpt_dir / "ViT-B-16.pt", "--timestep_respacing", 10, "--skip-timesteps", "7, 9",
+                       "--aug_num", 2, "--save-images", "--output_path", out], capsys)
+    assert rc == 0, cap.err
+    rows = _csv_rows(out / "fidelity.csv")
+    assert [(r[0], r[1], r[2]) for r in rows] == [("Blended Diffusion", "skip_timesteps", "7"),
+                                                  ("Blended Diffusion", "skip_timesteps", "9")]
+    rec = json.loads((out / "fidelity.json").read_text())
+    assert not rec["interrupted"] and rec["resolved"]["sd_checkpoint"] is None
+    assert [e["value"] for e in rec["rows"]] == [7, 9]
+    src = np.asarray(Image.open(img).convert("RGB"))
+    masked = np.asarray(Image.open(mask)) > 0
+    clip = load_clip(str(ckpt_dir / "ViT-B-16.pt"))
+    source, m = cli.load_image(img), cli.load_mask(mask, src.shape[:2])
+    for r, e in zip(rows, rec["rows"]):
+        lp, dist = float(r[3]), float(r[4])
+        assert np.isfinite([lp, dist]).all() and lp >= 0 and 0 <= dist <= 5
+        assert (lp, dist) == (pytest.approx(e["lpips"], abs=1e-6), pytest.approx(e["clip_distance"], abs=1e-6))
+        a = np.asarray(Image.open(out / e["file"]))
+        assert a.shape == src.shape and np.array_equal(a[~masked], src[~masked])
+        (lp2, dist2), = fid.measure(cli.load_image(out / e["file"]), source, clip, "a red square", m)
+        assert abs(lp2 - lp) < 2e-3 and abs(dist2 - dist) < 2e-3  # (8-bit rounding of the saved file)
+    plot = Image.open(out / "fidelity.png")
+    assert plot.size == fid.PLOT_SIZE and plot.mode == "RGB"
+    assert np.asarray(plot).std() > 10  # axes, grid, labels and the curve on white
+    assert "skip=7" in cap.out and str(out / "fidelity.csv") in cap.out
+
+
+def test_fidelity_ctrl_c_keeps_the_finished_rows(tmp_path, small_unet, ckpt_dir, photo, monkeypatch, capsys):
+    from blended_diffusion.models import fidelity as fid
+    real, calls = fid.measure, []
+
+    def interrupting(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(fid, "measure", interrupting)
+    img, mask = photo
+    out = tmp_path / "f"
+    rc, cap = run_cli(["fidelity", "-p", "a cat", "-i", img, "--mask", mask, "--model", small_unet,
+                       "--clip", ckpt_dir / "clip_sd.pt", "--timestep_respacing", 10, "--skip-timesteps", "9,8,7",
+                       "--aug_num", 2, "--output_path", out], capsys)
+    assert rc == 130 and "interrupted" in cap.err
+    assert [r[2] for r in _csv_rows(out / "fidelity.csv")] == ["9"]
+    assert json.loads((out / "fidelity.json").read_text())["interrupted"] is True
+    assert Image.open(out / "fidelity.png").size == fid.PLOT_SIZE
+
+
+def test_fidelity_errors_are_clear(tmp_path, ckpt_dir, photo, monkeypatch, capsys):
+    """Bad input fails before any model loads (exit 1, the CLI's error code), with the fix in the message."""
+    import importlib.util
+    img, mask = photo
+    monkeypatch.setenv("BLENDED_DIFFUSION_MODELS", str(tmp_path / "empty"))
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    ckpt = tmp_path / "sd15.safetensors"
+    ckpt.write_bytes(b"x")
+    not_comfy = tmp_path / "not_comfyui"
+    not_comfy.mkdir()
+    black = tmp_path / "black.png"
+    Image.new("L", (96, 72)).save(black)
+    never = tmp_path / "never"
+    base = ["fidelity", "-p", "a cat", "-i", img, "--offline", "--output_path", never]
+    cases = [
+        (base, "needs --mask"),
+        (["fidelity", "-i", img, "--mask", mask], "-p/--prompt is required"),
+        ([*base, "--mask", mask, "--timestep_respacing", "10", "--skip-timesteps", "5,10"],
+         "--skip-timesteps = '5,10': give one or more values, each in [0, 9]"),
+        ([*base, "--mask", mask, "--skip-timesteps", "a,b"], "numbers separated by commas"),
+        ([*base, "--mask", black], "selects no pixel"),
+        ([*base, "--mask", mask, "--inversion", ckpt], "--inversion belongs to the SDEdit sweep"),
+        ([*base, "--sd-checkpoint", tmp_path / "missing.safetensors"], "file not found"),
+        (["fidelity", "-p", "a cat", "--sd-checkpoint", ckpt], "needs -i IMAGE to invert"),
+        ([*base, "--sd-checkpoint", ckpt], "--source-prompt CAPTION is required"),
+        ([*base, "--sd-checkpoint", ckpt, "--source-prompt", "a dog", "--t0", "0,0.5"], "--t0 = '0,0.5'"),
+        ([*base, "--sd-checkpoint", ckpt, "--source-prompt", "a dog", "--comfyui", not_comfy],
+         "not a ComfyUI installation"),
+    ]
+    if importlib.util.find_spec("comfy") is None:  # no --comfyui, no COMFYUI_PATH, nothing importable
+        cases.append(([*base, "--sd-checkpoint", ckpt, "--source-prompt", "a dog"], "ComfyUI is not importable"))
+    for argv, message in cases:
+        rc, cap = run_cli(argv, capsys)
+        assert rc == 1 and message in cap.err, (argv, cap.err)
+        if "ComfyUI" in message:  # the fix is named
+            assert "--comfyui DIR" in cap.err and "COMFYUI_PATH" in cap.err
+    assert not never.exists()  # nothing written
+    with pytest.raises(SystemExit) as exc:  # argparse's usage errors: exit status 2
+        cli.main(["fidelity", "-p", "x", "--skip-timesteps"])
+    assert exc.value.code == 2 and "--skip-timesteps" in capsys.readouterr().err
+
+
+# SDEdit with and without NULL-text inversion: a Stable Diffusion checkpoint loaded through ComfyUI
+COMFY = os.environ.get("COMFYUI_PATH", "")
+
+
+@pytest.fixture(scope="module")
+def sd_checkpoint(tmp_path_factory):
+    if not COMFY or not (Path(COMFY) / "comfy" / "sd.py").is_file():
+        pytest.skip("set COMFYUI_PATH to a ComfyUI checkout (and use its Python) to run fidelity --sd-checkpoint")
+    try:
+        import tiny_sd
+        return tiny_sd.write_sd15_checkpoint(tmp_path_factory.mktemp("sd") / "tiny_sd15.safetensors")
+    except ImportError as e:
+        pytest.skip(f"ComfyUI at {COMFY} does not import here ({e}): run with its interpreter")
+
+
+def test_fidelity_sdedit_with_comfyui_checkpoint(tmp_path, sd_checkpoint, small_unet, ckpt_dir, capsys):
+    """Invert with the checkpoint, sweep t0 with and without the inversion and Blended Diffusion in one plot;
+    then the saved inversion (--inversion) reproduces the same rows without -i."""
+    from blended_diffusion.models import fidelity as fid
+    yy, xx = np.mgrid[0:64, 0:64]
+    arr = np.stack([xx * 4, yy * 4, 255 - 2 * (xx + yy)], -1)
+    arr[20:44, 24:40] = (230, 50, 50)
+    img = tmp_path / "square.png"
+    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(img)
+    m = np.zeros((64, 64), np.uint8)
+    m[16:48, 16:48] = 255
+    mask = tmp_path / "m.png"
+    Image.fromarray(m).save(mask)
+    common = ["-p", "a photo of a dog", "--mask", mask, "--sd-checkpoint", sd_checkpoint, "--comfyui", COMFY,
+              "--t0", "0.5,1.0", "--skip-timesteps", 8, "--timestep_respacing", 10, "--aug_num", 2,
+              "--model", small_unet, "--clip", ckpt_dir / "ViT-B-16.pt", "--device", "cpu"]
+    inv_file = tmp_path / "inv.safetensors"
+    rc, cap = run_cli(["fidelity", *common, "-i", img, "--source-prompt", "a photo of a cat", "--steps", 4,
+                       "--inner-steps", 2, "--save-inversion", inv_file, "--save-images",
+                       "--output_path", tmp_path / "a"], capsys)
+    assert rc == 0, cap.err
+    rows = _csv_rows(tmp_path / "a" / "fidelity.csv")
+    assert [(r[0], r[2]) for r in rows] == [("SDEdit after NULL-text inversion", "0.5"),
+                                            ("SDEdit after NULL-text inversion", "1"),
+                                            ("plain SDEdit", "0.5"), ("plain SDEdit", "1"),
+                                            ("Blended Diffusion", "8")]
+    assert all(np.isfinite([float(r[3]), float(r[4])]).all() for r in rows)
+    rec = json.loads((tmp_path / "a" / "fidelity.json").read_text())
+    assert rec["resolved"]["steps"] == 4 and rec["resolved"]["source_size"] == [64, 64]
+    assert rec["inversion_report"]["steps"] == 4 and inv_file.is_file()
+    for e in rec["rows"]:
+        assert Image.open(tmp_path / "a" / e["file"]).size == (64, 64)
+    assert Image.open(tmp_path / "a" / "fidelity.png").size == fid.PLOT_SIZE
+    # the saved inversion: the same SDEdit-after-inversion and Blended Diffusion rows, no plain SDEdit
+    rc, cap = run_cli(["fidelity", *common, "--inversion", inv_file, "--no-plain-sdedit",
+                       "--output_path", tmp_path / "b"], capsys)
+    assert rc == 0, cap.err
+    again = _csv_rows(tmp_path / "b" / "fidelity.csv")
+    assert again == [rows[0], rows[1], rows[4]]

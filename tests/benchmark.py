@@ -149,30 +149,18 @@ def cpu_peak_mib():
 
 @contextlib.contextmanager
 def keep_freed_memory(enabled: bool):
-    """CPU lever: glibc hands every block over 32 MiB back to the kernel when it is freed, so each UNet
-    activation is a fresh mmap whose pages the kernel faults in and zeroes again on every step (about
-    3 million page faults and 4-6 s of system time per real 256x256 forward+backward). mallopt
-    M_MMAP_MAX=0 (heap only) and a 2 GiB M_TRIM_THRESHOLD keep freed memory in the process; the same
-    as starting Python with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647. Restored after."""
-    libc = None
-    if enabled:
-        import ctypes
-        import ctypes.util
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
-                raise OSError("mallopt refused")
-        except (OSError, AttributeError) as e:
-            raise SystemExit(f"--keep-freed-memory needs glibc's mallopt ({e})") from None
+    """CPU lever (models/memory.py, what the CLI does on the CPU): glibc keeps freed memory in the
+    process instead of handing each large UNet activation back to the kernel and faulting it in again
+    every step. Restored to glibc's defaults after."""
+    load_pack()
+    from blended_diffusion.models import memory
+    if enabled and not memory.keep_freed_memory(True):
+        raise SystemExit("--keep-freed-memory needs glibc's mallopt")
     try:
         yield
     finally:
-        if libc is not None:  # glibc's defaults
-            libc.mallopt(M_MMAP_MAX, 65536)
-            libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
-
-
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc malloc.h
+        if enabled:
+            memory.keep_freed_memory(False)
 
 
 # ---------------------------------------------------------------- the measured pieces

@@ -18,3 +18,16 @@ def load_pack():
     sys.modules["blended_diffusion"] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def reuse_faults(mib: int = 256) -> int:
+    """Page faults of writing a ``mib`` MiB tensor right after an equal one was freed: about one per
+    4 KiB page with glibc's defaults (the block went back to the kernel), near 0 when the process keeps
+    freed memory (models/memory.py)."""
+    import resource
+
+    import torch
+    torch.ones(mib * 2**18)  # mib MiB of float32, written and freed at once
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(mib * 2**18)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before

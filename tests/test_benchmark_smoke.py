@@ -128,27 +128,18 @@ def test_batch_first_lever_is_the_old_layout(ckpt_dir):
 def test_keep_freed_memory_reuses_pages():
     """models/memory.py: with glibc's defaults a freed 256 MiB tensor goes back to the kernel and a new one
     is faulted in page by page; with freed memory kept, the second tensor reuses the first one's pages."""
-    import resource
     import sys
 
-    import torch
-    from pack import load_pack
+    from pack import load_pack, reuse_faults
     load_pack()
     from blended_diffusion.models import memory
     if not sys.platform.startswith("linux") or memory._mallopt() is None:
         pytest.skip("glibc only")
-
-    def faults_of_second_alloc():
-        torch.ones(64 * 2**20)  # 256 MiB written, freed at once
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        torch.ones(64 * 2**20)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
     pages = 256 * 2**20 // 4096
     try:
         assert memory.keep_freed_memory(False)
-        assert faults_of_second_alloc() > pages // 2
+        assert reuse_faults(256) > pages // 2
         assert memory.keep_freed_memory(True)
-        assert faults_of_second_alloc() < pages // 10
+        assert reuse_faults(256) < pages // 10
     finally:
         memory.keep_freed_memory(False)

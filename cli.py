@@ -478,9 +478,10 @@ def load_models(args, *, need_ddpm: bool, need_clip: bool, respacing: str | None
     from .models import load_clip, load_ddpm
     device = resolve_device(args.device, getattr(args, "gpu_id", 0))
     precision = resolve_precision(args.precision, device)
-    if device.type == "cpu" and os.environ.get("BLENDED_DIFFUSION_KEEP_FREED_MEMORY", "1") != "0":
-        from .models.memory import keep_freed_memory
-        keep_freed_memory()  # about 20% faster guided steps on the CPU (models/memory.py)
+    if device.type == "cpu":
+        from .models import memory
+        if memory.wanted():
+            memory.keep_freed_memory()  # about 20% faster guided steps on the CPU (models/memory.py)
     ddpm_file = clip_file = None
     if need_ddpm:
         key = "ddpm_512" if getattr(args, "model_output_size", 256) == 512 else "ddpm_256"

@@ -9,6 +9,7 @@ import torch
 
 from .blended import StepCallback, blended_diffusion, generators
 from .guidance import Guide
+from .memory import keeping_freed_memory
 from .region import crop, paste, plan_box
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def edit(ddpm, image: torch.Tensor, mask: torch.Tensor | None, guide: Guide, *,
     image, mask = check_inputs(image, mask, ddpm, skip_timesteps, batch_size)
     device, size, k = ddpm.device, ddpm.image_size, ddpm.num_steps - skip_timesteps
     outputs = []
-    with grad_mode():
+    with grad_mode(), keeping_freed_memory(device):
         ddpm.thaw()
         if guide.clip is not None:
             guide.clip.thaw()

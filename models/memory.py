@@ -7,21 +7,29 @@ of page faults per 256x256 forward+backward). Keeping freed memory in the proces
 not trimmed after each step). The cost: the process keeps its peak memory instead of returning it.
 
 Measured with ``tests/benchmark.py --keep-freed-memory`` (README, Performance). The command line turns it
-on for CPU runs; inside ComfyUI the pack leaves the host's allocator alone (start ComfyUI with
-``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`` for the same effect).
+on for the whole process on CPU runs (``keep_freed_memory``); the engine's ``edit`` turns it on only while
+it samples on the CPU and gives freed memory back to the kernel again after (``keeping_freed_memory``), so
+inside ComfyUI the host does not keep its peak memory between prompts. Either is skipped when the user set ``MALLOC_MMAP_MAX_`` /
+``MALLOC_TRIM_THRESHOLD_`` (their choice wins) or ``BLENDED_DIFFUSION_KEEP_FREED_MEMORY=0``.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4                 # glibc <malloc.h>
-DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4   # glibc <malloc.h>
+# Any mallopt call ends glibc's dynamic mmap threshold, so "off" restores the state that dynamic scheme
+# reaches once a process has freed large blocks (as every sampling run has): mmap above 32 MiB (its
+# ceiling on 64-bit), trim above twice that, the default mmap count.
+RESTORE_MMAP_THRESHOLD, RESTORE_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 32 * 2**20, 64 * 2**20, 65536
 KEEP_TRIM_THRESHOLD = 2**31 - 1
+_on = False  # set for the whole process by keep_freed_memory(True)
 
 
 @functools.lru_cache(maxsize=1)
@@ -34,13 +42,41 @@ def _mallopt():
 
 
 def keep_freed_memory(enabled: bool = True) -> bool:
-    """Keep freed memory in the process (True) or restore glibc's defaults (False).
-    Returns whether the setting was applied; False where the C library has no ``mallopt``."""
+    """Keep freed memory in the process (True) or give it back to the kernel again (False: large blocks
+    mmapped, the heap trimmed; see RESTORE_*). Returns whether the setting was applied; False where the C
+    library has no ``mallopt``."""
     mallopt = _mallopt()
     if mallopt is None:
         return False
-    mmap_max, trim = (0, KEEP_TRIM_THRESHOLD) if enabled else (DEFAULT_MMAP_MAX, DEFAULT_TRIM_THRESHOLD)
-    ok = bool(mallopt(M_MMAP_MAX, mmap_max)) and bool(mallopt(M_TRIM_THRESHOLD, trim))
+    global _on
+    if enabled:
+        ok = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD))
+    else:
+        ok = (bool(mallopt(M_MMAP_THRESHOLD, RESTORE_MMAP_THRESHOLD)) and bool(mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX))
+              and bool(mallopt(M_TRIM_THRESHOLD, RESTORE_TRIM_THRESHOLD)))
     if not ok:
         log.warning("mallopt refused the allocator setting; CPU sampling runs at the default speed")
+    _on = enabled and ok
     return ok
+
+
+def wanted() -> bool:
+    """False when the user opted out or set glibc's own variables (left as they chose)."""
+    return os.environ.get("BLENDED_DIFFUSION_KEEP_FREED_MEMORY", "1") != "0" and not any(
+        k in os.environ for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"))
+
+
+@contextlib.contextmanager
+def keeping_freed_memory(device):
+    """Keep freed memory while the block runs on the CPU, then give it back again (no-op on other
+    devices, when already on for the process, or when not ``wanted()``)."""
+    scoped = torch_device_type(device) == "cpu" and not _on and wanted() and keep_freed_memory(True)
+    try:
+        yield
+    finally:
+        if scoped:
+            keep_freed_memory(False)
+
+
+def torch_device_type(device) -> str:
+    return getattr(device, "type", str(device).split(":")[0])

@@ -151,7 +151,7 @@ def cpu_peak_mib():
 def keep_freed_memory(enabled: bool):
     """CPU lever (models/memory.py, what the CLI does on the CPU): glibc keeps freed memory in the
     process instead of handing each large UNet activation back to the kernel and faulting it in again
-    every step. Restored to glibc's defaults after."""
+    every step. Given back to the kernel again after."""
     load_pack()
     from blended_diffusion.models import memory
     if enabled and not memory.keep_freed_memory(True):

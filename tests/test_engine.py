@@ -144,6 +144,29 @@ def test_empty_mask_returns_input(ddpm, image_and_mask, caplog):
     assert torch.equal(out, img.expand(2, -1, -1, -1)) and "mask is empty" in caplog.text
 
 
+def test_cpu_sampling_keeps_freed_memory_only_while_it_runs(ddpm, image_and_mask, monkeypatch):
+    """models/memory.py: edit() on the CPU keeps freed memory while it samples (freed blocks reused
+    without page faults) and gives freed memory back to the kernel again after (a host keeps its memory between prompts)."""
+    import sys
+
+    from pack import reuse_faults
+    from blended_diffusion.models import memory
+    if not sys.platform.startswith("linux") or memory._mallopt() is None:
+        pytest.skip("glibc only")
+    for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "BLENDED_DIFFUSION_KEEP_FREED_MEMORY"):
+        monkeypatch.delenv(k, raising=False)
+    memory.keep_freed_memory(False)
+    pages, inside = 64 * 2**20 // 4096, []
+    img, mask = image_and_mask
+    edit(ddpm, img, mask, Guide(), skip_timesteps=8, callback=lambda *a: inside.append(reuse_faults(64)))
+    assert len(inside) == 2 and inside[-1] < pages // 10  # from the 2nd step on (the 1st may grow the heap)
+    assert reuse_faults(64) > pages // 2
+    monkeypatch.setenv("BLENDED_DIFFUSION_KEEP_FREED_MEMORY", "0")  # opted out: defaults all along
+    inside.clear()
+    edit(ddpm, img, mask, Guide(), skip_timesteps=8, callback=lambda *a: inside.append(reuse_faults(64)))
+    assert min(inside) > pages // 2
+
+
 def test_determinism_and_batch_invariance(ddpm, clip, image_and_mask):
     img, mask = image_and_mask
     guide = Guide(clip=clip, prompt="a cat", augment=FAST)

@@ -3,7 +3,9 @@ end to end through ``/prompt`` + ``/history``, progress with previews over the w
 
 Skips unless ``COMFYUI_PATH`` names a ComfyUI checkout (a folder with ``main.py``). ``COMFYUI_PYTHON``
 names the interpreter that runs it (default: this one); it needs ComfyUI's requirements and this pack's.
-The pack and the tiny checkpoints are given to ComfyUI only through ``--extra-model-paths-config``.
+The pack and the tiny checkpoints are given to ComfyUI only through ``--extra-model-paths-config``; the
+NULL-text workflows load a small random Stable Diffusion 1.5 checkpoint (tests/tiny_sd.py, written by
+``COMFYUI_PYTHON`` since it is built with ComfyUI's classes) through core ``CheckpointLoaderSimple``.
 """
 from __future__ import annotations
 
@@ -40,11 +42,19 @@ WORKFLOWS = sorted(API_DIR.glob("*.json")) if API_DIR.is_dir() else []
 NODE_IDS = ["LoadDDPM", "LoadCLIP", "NoiseImage", "CLIPGuidedStep", "MaskBlend", "ExtendingAugment",
             "RankByCLIP", "Extrapolate", "BlendedDiffusionSampler", "BlendedDiffusionEvaluate"]
 DDPM_FILE, CLIP_FILE = "256x256_diffusion_uncond.pt", "ViT-B-16.pt"
+SD_FILE = "tiny_sd15_random.safetensors"  # every CheckpointLoaderSimple of a workflow is pointed at it
 START_TIMEOUT = 150
 PROMPT_TIMEOUT = 150
 HOST = "127.0.0.1"
 # a tiny 256 px UNet still costs seconds per step on a shared CPU: respacing "2" and skip 1 = one step
 FAST = dict(respacing=2, skip=1, strength=0.5)
+# workflows on the SD checkpoint: 4 DDIM steps, 2 Adam steps per step, two SDEdit strengths, one Blended
+# Diffusion step; and 96x64 copies of their images (SD1's full-size VAE costs seconds per call at 512x384 on a
+# CPU). 96x64 = 12x8 latents, whose lowest UNet level (3x2) is small enough for prompt-to-prompt's
+# self-attention injection (layers of at most 1/16 of the latent's pixels).
+SD_FAST = dict(steps=4, inner_steps=2, t0_values="0.5, 1.0", skip_timesteps="1")
+SD_SIZE = (96, 64)  # width, height
+PLOT_SIZE = (720, 520)  # FidelityCurve's plot
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -257,6 +267,33 @@ def _unprovided_models(prompt, object_info):
     return missing
 
 
+def _small_name(name):
+    stem, _, ext = name.rpartition(".")
+    return f"{stem}_{SD_SIZE[0]}x{SD_SIZE[1]}.{ext}"
+
+
+def _uses_sd(prompt):
+    return any(n["class_type"] == "CheckpointLoaderSimple" for n in prompt.values())
+
+
+def _use_tiny_sd(prompt):
+    """Point a workflow that loads a Stable Diffusion checkpoint at the tiny one, at the small copies of its
+    images, and at SD_FAST's step counts."""
+    if not _uses_sd(prompt):
+        return prompt
+    for node in prompt.values():
+        inputs, ct = node["inputs"], node["class_type"]
+        if ct == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = SD_FILE
+        elif ct in ("LoadImage", "LoadImageMask") and isinstance(inputs.get("image"), str):
+            inputs["image"] = _small_name(_image_name(inputs["image"]))
+        elif ct == "NullTextInvert":
+            inputs.update(steps=SD_FAST["steps"], inner_steps=SD_FAST["inner_steps"])
+        elif ct == "FidelityCurve":
+            inputs.update(t0_values=SD_FAST["t0_values"], skip_timesteps=SD_FAST["skip_timesteps"])
+    return prompt
+
+
 def _load_workflow(path):
     prompt = json.loads(path.read_text())
     if "prompt" in prompt and isinstance(prompt["prompt"], dict):
@@ -279,6 +316,34 @@ def _workflow_images():
     return out
 
 
+def _write_sd_checkpoint(path):
+    """tests/tiny_sd.py's random SD1.5 checkpoint, written by ComfyUI's interpreter (it is built with ComfyUI's
+    classes, which this interpreter may not be able to import)."""
+    env = dict(os.environ, COMFYUI_PATH=str(COMFY), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    r = subprocess.run([PYTHON, str(ROOT / "tests" / "tiny_sd.py"), str(path)], env=env, capture_output=True,
+                       text=True, timeout=START_TIMEOUT)
+    if r.returncode != 0 or not path.is_file():
+        pytest.fail(f"tests/tiny_sd.py could not write {path} with {PYTHON}:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
+
+
+def _write_small_images(input_dir):
+    """SD_SIZE copies of the images that the SD workflows load, next to the originals (the pack ships those)."""
+    from PIL import Image
+    names = set()
+    for wf in WORKFLOWS:
+        prompt = _load_workflow(wf)
+        if _uses_sd(prompt):
+            names.update(_loaded_images(prompt))
+    for name in sorted(names):
+        with Image.open(ROOT / "example_images" / name) as im:
+            im.resize(SD_SIZE, Image.Resampling.BICUBIC).save(input_dir / _small_name(name))
+
+
+def _loaded_images(prompt):
+    return [_image_name(n["inputs"]["image"]) for n in prompt.values()
+            if n["class_type"] in ("LoadImage", "LoadImageMask") and isinstance(n["inputs"].get("image"), str)]
+
+
 # --------------------------------------------------------------------------------------------- fixture
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -287,7 +352,7 @@ def server(tmp_path_factory):
     input_dir, output_dir, temp_dir = base / "input", base / "output", base / "temp"
     for d in (base / "custom_nodes", base / "models" / "ddpm", input_dir, output_dir, temp_dir,
               base / "user", extra / "custom_nodes", extra / "models" / "ddpm",
-              extra / "models" / "clip_guidance"):
+              extra / "models" / "clip_guidance", extra / "models" / "checkpoints"):
         d.mkdir(parents=True, exist_ok=True)
     (extra / "custom_nodes" / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
     tiny.save_unet(extra / "models" / "ddpm" / DDPM_FILE)
@@ -295,10 +360,12 @@ def server(tmp_path_factory):
     (extra / "models" / "ddpm" / "README.txt").write_text("not a checkpoint\n")
     # a checkpoint in the pack's default folder (<models>/ddpm) must be listed next to the yaml one
     shutil.copy(extra / "models" / "ddpm" / DDPM_FILE, base / "models" / "ddpm" / "other_uncond.pt")
+    _write_sd_checkpoint(extra / "models" / "checkpoints" / SD_FILE)
+    _write_small_images(input_dir)
     yaml_path = tmp / "extra_model_paths.yaml"
     yaml_path.write_text(f"blended_diffusion_test:\n    base_path: {extra}\n"
                          f"    custom_nodes: custom_nodes\n    ddpm: models/ddpm\n"
-                         f"    clip_guidance: models/clip_guidance\n")
+                         f"    clip_guidance: models/clip_guidance\n    checkpoints: models/checkpoints\n")
 
     port = _free_port()
     cli = (COMFY / "comfy" / "cli_args.py").read_text()
@@ -401,6 +468,7 @@ def test_pack_registered(server):
 @pytest.mark.parametrize("node_id,filename,also", [
     ("LoadDDPM", DDPM_FILE, "other_uncond.pt"),
     ("LoadCLIP", CLIP_FILE, None),
+    ("CheckpointLoaderSimple", SD_FILE, None),
 ])
 def test_loader_combos_list_model_folders(server, node_id, filename, also):
     info = server.object_info.get(node_id)
@@ -460,29 +528,155 @@ def test_web_extension_served(server):
                 assert r.status == 200, (url, spec, target)
 
 
+def _run_workflow(server, ws, workflow):
+    """Run an API workflow on the tiny models with FAST / SD_FAST settings: (prompt, history entry), succeeded."""
+    prompt = _use_tiny_sd(_set_steps(_load_workflow(workflow), server.object_info, **FAST))
+    missing = _unprovided_models(prompt, server.object_info)
+    assert not missing, f"{workflow.name} needs model files that have no tiny stand-in here: {missing}"
+    for node in prompt.values():  # an inversion it loads is saved first by the workflow that saves it
+        if node["class_type"] == "LoadInversion":
+            _saved_inversion(server, ws, node["inputs"]["filename"])
+    pid, entry, messages = _run(server, ws, prompt)
+    assert entry["status"]["status_str"] == "success", _error_text(entry, messages, server)
+    return prompt, entry
+
+
+def _saved_inversion(server, ws, filename):
+    """The inversion file that LoadInversion's `filename` names; runs the workflow that saves it unless that
+    already ran (e.g. when a test is selected alone)."""
+    path = server.output_dir / f"{filename}.safetensors"
+    if not path.is_file():
+        producer = next((wf for wf in WORKFLOWS for n in _load_workflow(wf).values()
+                         if n["class_type"] == "SaveInversion" and n["inputs"].get("filename") == filename), None)
+        assert producer is not None, f"no API workflow saves the inversion {filename!r} that another one loads"
+        _run_workflow(server, ws, producer)
+        assert path.is_file(), f"{producer.name} did not write {path}"
+    return path
+
+
+def _image_files(server, outputs, nid):
+    dirs = {"output": server.output_dir, "temp": server.temp_dir}
+    return [dirs[im["type"]] / im.get("subfolder", "") / im["filename"]
+            for im in outputs.get(nid, {}).get("images", [])]
+
+
+def _pixels(path):
+    import numpy as np
+    from PIL import Image
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+# images per (node, output) of the SD workflows, each SD_SIZE (FidelityCurve's are counted from its CSV)
+SD_IMAGES = {("NullTextInvert", 1): 1, ("NullTextEdit", 0): 2, ("NullTextSDEdit", 0): 1, ("LoadInversion", 1): 1}
+CSV_HEADER = "method,parameter,value,lpips,clip_distance"
+
+
+def _fidelity_rows(inputs):
+    n = len(inputs["t0_values"].split(",")) * (2 if inputs.get("plain_sdedit", True) else 1)
+    return n + (len(inputs["skip_timesteps"].split(",")) if isinstance(inputs.get("ddpm"), list) else 0)
+
+
+def _check_sd_outputs(server, workflow, prompt, outputs):
+    """What the NULL-text nodes of a workflow on the tiny SD checkpoint must have produced."""
+    from PIL import Image
+    steps = SD_FAST["steps"]
+    for nid, node in prompt.items():
+        ct, inputs = node["class_type"], node["inputs"]
+        if ct in ("SaveImage", "PreviewImage"):
+            src, slot = prompt[inputs["images"][0]], inputs["images"][1]
+            if src["class_type"] == "FidelityCurve":
+                want = (1, PLOT_SIZE) if slot == 0 else (_fidelity_rows(src["inputs"]), SD_SIZE)
+            else:
+                want = (SD_IMAGES[(src["class_type"], slot)], SD_SIZE)
+            files = _image_files(server, outputs, nid)
+            sizes = set()
+            for f in files:
+                with Image.open(f) as im:
+                    sizes.add(im.size)
+            assert (len(files), sizes) == (want[0], {want[1]}), \
+                f"{workflow.name}: {ct} {nid} of {src['class_type']} output {slot}: {len(files)} images {sizes}"
+        elif ct == "NullTextInvert":
+            report = json.loads(outputs[nid]["text"][0])
+            assert report["steps"] == steps and len(report["final_losses"]) == steps, report
+            assert report["latent_mse"] >= 0 and report["pixel_mae"] is not None, report
+        elif ct == "SaveInversion":
+            from safetensors import safe_open
+            path = Path(outputs[nid]["text"][0])
+            assert path == server.output_dir / f"{inputs['filename']}.safetensors" and path.is_file(), path
+            with safe_open(str(path), framework="pt") as f:
+                meta, latents = f.metadata(), f.get_tensor("latents")
+            assert meta["format"] == "blended_diffusion.nulltext_inversion", meta
+            assert meta["prompt"] == prompt[inputs["inversion"][0]]["inputs"]["prompt"] and int(meta["steps"]) == steps
+            assert tuple(latents.shape) == (steps + 1, 4, SD_SIZE[1] // 8, SD_SIZE[0] // 8)
+        elif ct == "FidelityCurve":
+            text = outputs[nid]["text"][0]
+            lines = text.strip().split("\n")
+            assert lines[0] == CSV_HEADER and len(lines) - 1 == _fidelity_rows(inputs), text
+            for line in lines[1:]:
+                lp, dist = map(float, line.split(",")[-2:])
+                assert 0 <= lp < 10 and 0 <= dist <= 2, line
+            prefix = server.output_dir / inputs["filename_prefix"]
+            written = [c for c in sorted(prefix.parent.glob(f"{prefix.name}_*.csv")) if c.read_text() == text]
+            assert written, f"FidelityCurve wrote no {prefix}_NNNNN.csv with its CSV"
+            with Image.open(written[-1].with_suffix(".png")) as im:
+                assert im.size == PLOT_SIZE, im.size
+        elif ct == "LoadInversion":
+            _check_uses_saved_inversion(server, workflow, prompt, outputs, nid)
+
+
+def _check_uses_saved_inversion(server, workflow, prompt, outputs, load_id):
+    """The edits of a loaded inversion start from the saved trajectory: NullTextEdit's first row (the source
+    sampled with the saved null embeddings) is the reconstruction that the saving workflow wrote, and the source
+    image is the image that was inverted."""
+    filename = prompt[load_id]["inputs"]["filename"]
+    producer = next(wf for wf in WORKFLOWS for n in _load_workflow(wf).values()
+                    if n["class_type"] == "SaveInversion" and n["inputs"].get("filename") == filename)
+    made = _load_workflow(producer)
+    invert = next(k for k, n in made.items() if n["class_type"] == "NullTextInvert")
+    prefix = next(n["inputs"]["filename_prefix"] for n in made.values()
+                  if n["class_type"] == "SaveImage" and n["inputs"]["images"] == [invert, 1])
+    image = made[made[invert]["inputs"]["image"][0]]["inputs"]["image"]  # its LoadImage's file
+    recon = sorted((server.output_dir / prefix).parent.glob(f"{Path(prefix).name}_*.png"))
+    assert recon, f"{producer.name} saved no reconstruction {prefix}"
+    edits = [k for k, n in prompt.items()
+             if n["class_type"] == "NullTextEdit" and n["inputs"]["inversion"] == [load_id, 0]]
+    checked = 0
+    for nid, node in prompt.items():
+        src = node["inputs"].get("images")
+        if node["class_type"] == "SaveImage" and src and src[0] in edits:
+            source_row, edit_row = _image_files(server, outputs, nid)
+            diff = abs(_pixels(source_row) - _pixels(recon[-1])).max()
+            assert diff <= 2, f"{workflow.name}: the source row of {src[0]} is not {producer.name}'s reconstruction " \
+                              f"(max difference {diff}/255)"
+            assert abs(_pixels(edit_row) - _pixels(source_row)).max() > 2, f"{workflow.name}: {src[0]} edited nothing"
+            checked += 1
+        elif node["class_type"] == "PreviewImage" and src == [load_id, 1]:
+            shown = _image_files(server, outputs, nid)[0]
+            diff = abs(_pixels(shown) - _pixels(server.input_dir / _small_name(_image_name(image)))).max()
+            assert diff <= 1, f"LoadInversion's source is not the image {producer.name} inverted ({diff}/255)"
+            checked += 1
+    assert checked, f"{workflow.name} shows nothing made from the loaded inversion"
+
+
 @pytest.mark.parametrize("workflow", WORKFLOWS or [None], ids=lambda p: p.stem if p else "none")
 def test_api_workflow_runs(server, ws, workflow):
     if workflow is None:
         pytest.skip("workflows/api/ holds no workflow yet")
-    missing = _unprovided_models(_load_workflow(workflow), server.object_info)
-    if missing:  # e.g. the NULL-text workflows load a full Stable Diffusion 1.x checkpoint
-        pytest.skip(f"needs model files that have no tiny stand-in here: {missing}")
-    prompt = _set_steps(_load_workflow(workflow), server.object_info, **FAST)
-    pid, entry, messages = _run(server, ws, prompt)
-    assert entry["status"]["status_str"] == "success", _error_text(entry, messages, server)
+    prompt, entry = _run_workflow(server, ws, workflow)
     outputs = entry["outputs"]
     assert outputs, f"{workflow.name} produced no outputs"
-    dirs = {"output": server.output_dir, "temp": server.temp_dir}
     n_images = 0
     for nid, node in prompt.items():
         if node["class_type"] in ("SaveImage", "PreviewImage"):
-            images = outputs.get(nid, {}).get("images", [])
+            images = _image_files(server, outputs, nid)
             assert images, f"{workflow.name}: {node['class_type']} {nid} returned no image"
-            for im in images:
-                f = dirs[im["type"]] / im.get("subfolder", "") / im["filename"]
+            for f in images:
                 assert f.is_file() and f.stat().st_size > 0, f
                 n_images += 1
     assert n_images > 0, f"{workflow.name} saves or previews no image"
+    if _uses_sd(prompt):
+        _check_sd_outputs(server, workflow, prompt, outputs)
 
 
 def _sampler_graph():

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import make_thumbnails
 import make_workflows as mw  # tests/ is on sys.path (conftest.py)
 from blended_diffusion.nodes import NODE_CLASS_MAPPINGS
 from blended_diffusion.nodes.host import EXAMPLES_DIR
@@ -101,6 +102,12 @@ def test_template_browser_serves_the_workflows():
 
 def test_generated_files_are_current():
     assert mw.main(["--check"]) == 0, "workflows/ differs from tests/make_workflows.py: run it and commit"
+
+
+def test_template_thumbnails_are_current():
+    """The template browser shows <name>.jpg beside each template (tests/make_thumbnails.py draws them)."""
+    assert sorted(p.stem for p in (ROOT / "workflows").glob("*.jpg")) == sorted(p.stem for p in UI_FILES)
+    assert make_thumbnails.main(["--check"]) == 0, "workflows/*.jpg are stale: run tests/make_thumbnails.py"
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=_ids(UI_FILES))

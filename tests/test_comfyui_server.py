@@ -509,6 +509,10 @@ def test_template_browser_serves_ui_workflows(server):
                         f"first of example_workflows/, example/, examples/, workflow/, workflows/ that exists "
                         f"in the pack, so the template browser lists {p.name} but cannot open it")
         assert served == json.loads(p.read_text()), url
+        # the thumbnail the frontend asks for: /api/workflow_templates/<pack>/<name>.jpg
+        thumb = f"/api/workflow_templates/{PACK_NAME}/{p.stem}.jpg"
+        with urllib.request.urlopen(server.url(thumb), timeout=30) as r:
+            assert r.status == 200 and r.read() == p.with_suffix(".jpg").read_bytes(), thumb
 
 
 def test_web_extension_served(server):

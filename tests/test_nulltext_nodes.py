@@ -39,6 +39,7 @@ try:
 except ImportError as e:  # a checkout whose requirements this interpreter lacks
     pytest.skip(f"ComfyUI at {COMFY} does not import here ({e}): run with its interpreter", allow_module_level=True)
 
+import tiny_sd  # noqa: E402  (tests/ is on sys.path)
 from blended_diffusion.models import nulltext as nt  # noqa: E402
 from blended_diffusion.nodes import NODE_CLASS_MAPPINGS, host  # noqa: E402
 from blended_diffusion.nodes import nulltext as ntn  # noqa: E402
@@ -50,20 +51,8 @@ SIZE = 64
 
 # --------------------------------------------------------------------------------------------- tiny models
 def _randomize(module: torch.nn.Module, seed: int, scales: dict | None = None) -> None:
-    """ComfyUI's layers skip weight init: give every parameter a seeded value (fan-in scaled matrices, unit
-    norm weights, zero biases), then multiply the parameters whose names start with or contain a key of ``scales``."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            elif name.endswith("weight"):  # 1-D weights are the norms' scales
-                p.fill_(1.0)
-            else:
-                p.zero_()
-            for key, scale in (scales or {}).items():
-                if name.startswith(key) or f".{key}" in name:
-                    p.mul_(scale)
+    """ComfyUI's layers skip weight init: every parameter a seeded value (tests/tiny_sd.py)."""
+    tiny_sd._randomize(module, torch.Generator().manual_seed(seed), scales)
 
 
 # A smooth eps (small output layer: DDIM inversion at guidance 1 is nearly exact, as with a trained model) that

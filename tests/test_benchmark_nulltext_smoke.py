@@ -1,0 +1,57 @@
+"""Smoke run of tests/benchmark_nulltext.py with the tiny models (no timing is asserted). The run needs
+ComfyUI: it skips unless ``COMFYUI_PATH`` names a checkout importable by this interpreter."""
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+import benchmark_nulltext as bn  # tests/ is on sys.path (conftest.py)
+
+COMFY = os.environ.get("COMFYUI_PATH", "")
+needs_comfy = pytest.mark.skipif(not COMFY or not (Path(COMFY) / "comfy" / "model_base.py").is_file(),
+                                 reason="set COMFYUI_PATH to a ComfyUI checkout to run the NULL-text benchmark")
+
+
+def test_without_comfyui_it_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    with pytest.raises(SystemExit, match="--comfyui DIR or set COMFYUI_PATH"):
+        bn.comfyui_dir(None)
+    with pytest.raises(SystemExit, match="not a ComfyUI checkout"):
+        bn.comfyui_dir(str(tmp_path))
+
+
+def test_bad_arguments():
+    for argv in (["--size", "100"], ["--steps", "1"], ["--config", "sd14"], ["--device", "cpu", "--clock", "cpu",
+                                                                             "--inner-steps", "0"]):
+        with pytest.raises(SystemExit):
+            bn.parse_args(argv)
+    a = bn.parse_args(["--device", "cpu"])
+    assert (a.size, a.steps, a.clock, a.inner_steps) == (256, 5, "cpu", 10)
+
+
+@needs_comfy
+def test_tiny_run(tmp_path):
+    import torch
+    threads = torch.get_num_threads()
+    res = bn.main(["--comfyui", COMFY, "--config", "tiny", "--device", "cpu", "--steps", "4", "--inner-steps", "2",
+                   "--threads", "1", "--json", str(tmp_path / "out.json")])
+    assert torch.get_num_threads() == threads
+    assert (tmp_path / "out.json").is_file()
+    rows = res["rows"]
+    assert [r["count"] for r in rows] == [4, 4, sum(res["adam_steps_per_step"]), 4, 4, 2]  # SDEdit t0 0.6: 2 of 4
+    assert all(math.isfinite(r["per_step"]) and r["per_step"] > 0 for r in rows)
+    assert len(res["adam_steps_per_step"]) == 4 and all(1 <= k <= 2 for k in res["adam_steps_per_step"])
+    # UNet batches: inversion 1, optimisation 1, reconstruction CFG 2, prompt-to-prompt 2 images x CFG, SDEdit 2
+    assert [r["unet_batch"] for r in rows] == [[1], [1], [1], [2], [4], [2]]
+    assert rows[1]["calls"] == 2 * 4 + sum(res["adam_steps_per_step"])
+    est = res["estimate"]
+    assert est["inversion_no_early_stop_s"] >= est["inversion_s"] * 0.99 > 0 and est["edit_s"] > 0
+    text = bn.format_table(res)
+    assert "clock: process CPU time" in text and "computed from the per-step figures" in text
+    again = bn.main(["--from-json", str(tmp_path / "out.json")])  # a saved run printed again
+    assert again["estimate"] == pytest.approx(est) and again["rows"] == rows
+    # the core functions and SDModel.eps are the pack's own again
+    from blended_diffusion.models import nulltext as nt
+    from blended_diffusion.nodes import nulltext as ntn
+    assert nt.ddim_invert.__module__ == nt.__name__ and ntn.SDModel.eps.__qualname__ == "SDModel.eps"

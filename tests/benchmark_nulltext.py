@@ -162,7 +162,12 @@ def build_clip(comfy, config: str):
     clip = comfy.sd.CLIP(target, model_options=opts)
     randomize(clip.cond_stage_model, 1)
     params = list(clip.cond_stage_model.parameters())
-    return clip, dict(text_params_m=sum(p.numel() for p in params) / 1e6, text_dtype=str(params[0].dtype))
+    by_dtype = {}
+    for p in params:
+        by_dtype[str(p.dtype)] = by_dtype.get(str(p.dtype), 0) + p.numel()
+    total = sum(by_dtype.values())
+    dtypes = ", ".join(f"{d} {n / total:.0%}" for d, n in sorted(by_dtype.items(), key=lambda x: -x[1]))
+    return clip, dict(text_params_m=total / 1e6, text_dtype=dtypes)
 
 
 def build_vae(comfy, config: str):

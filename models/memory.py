@@ -8,8 +8,9 @@ not trimmed after each step). The cost: the process keeps its peak memory instea
 
 Measured with ``tests/benchmark.py --keep-freed-memory`` (README, Performance). The command line turns it
 on for the whole process on CPU runs (``keep_freed_memory``); the engine's ``edit`` turns it on only while
-it samples on the CPU and gives freed memory back to the kernel again after (``keeping_freed_memory``), so
-inside ComfyUI the host does not keep its peak memory between prompts. Either is skipped when the user set ``MALLOC_MMAP_MAX_`` /
+it samples on the CPU and then restores the setting (large blocks mmapped and handed back again) and asks
+glibc to trim the heap (``keeping_freed_memory``), so inside ComfyUI the host does not hold its sampling
+peak between prompts (best effort: glibc can only return the heap's free top and whole free pages). Either is skipped when the user set ``MALLOC_MMAP_MAX_`` /
 ``MALLOC_TRIM_THRESHOLD_`` (their choice wins) or ``BLENDED_DIFFUSION_KEEP_FREED_MEMORY=0``.
 """
 from __future__ import annotations
@@ -33,27 +34,34 @@ _on = False  # set for the whole process by keep_freed_memory(True)
 
 
 @functools.lru_cache(maxsize=1)
-def _mallopt():
+def _libc():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.mallopt
+        libc.mallopt, libc.malloc_trim  # noqa: B018  (both or neither)
+        return libc
     except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to set
         return None
+
+
+def available() -> bool:
+    return _libc() is not None
 
 
 def keep_freed_memory(enabled: bool = True) -> bool:
     """Keep freed memory in the process (True) or give it back to the kernel again (False: large blocks
     mmapped, the heap trimmed; see RESTORE_*). Returns whether the setting was applied; False where the C
     library has no ``mallopt``."""
-    mallopt = _mallopt()
-    if mallopt is None:
+    libc = _libc()
+    if libc is None:
         return False
+    mallopt = libc.mallopt
     global _on
     if enabled:
         ok = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD))
     else:
         ok = (bool(mallopt(M_MMAP_THRESHOLD, RESTORE_MMAP_THRESHOLD)) and bool(mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX))
               and bool(mallopt(M_TRIM_THRESHOLD, RESTORE_TRIM_THRESHOLD)))
+        libc.malloc_trim(0)  # hand back what the heap kept now (else only at the next large free, if ever)
     if not ok:
         log.warning("mallopt refused the allocator setting; CPU sampling runs at the default speed")
     _on = enabled and ok
@@ -68,7 +76,7 @@ def wanted() -> bool:
 
 @contextlib.contextmanager
 def keeping_freed_memory(device):
-    """Keep freed memory while the block runs on the CPU, then give it back again (no-op on other
+    """Keep freed memory while the block runs on the CPU, then restore and trim (no-op on other
     devices, when already on for the process, or when not ``wanted()``)."""
     scoped = torch_device_type(device) == "cpu" and not _on and wanted() and keep_freed_memory(True)
     try:

@@ -20,14 +20,26 @@ def load_pack():
     return mod
 
 
-def reuse_faults(mib: int = 256) -> int:
-    """Page faults of writing a ``mib`` MiB tensor right after an equal one was freed: about one per
-    4 KiB page with glibc's defaults (the block went back to the kernel), near 0 when the process keeps
-    freed memory (models/memory.py)."""
+def refault_share(rounds: int = 3) -> float:
+    """Share of the pages of a freed block that fault again when an equal block is written right after:
+    about 1 with glibc's defaults (a large freed block goes back to the kernel), near 0 when the process
+    keeps freed memory (models/memory.py). The block is larger than the whole heap, so it can only come
+    from the heap when large blocks are not mmapped, whatever the heap holds free. The last of ``rounds``
+    tries counts (the first may still grow the heap)."""
     import resource
 
     import torch
-    torch.ones(mib * 2**18)  # mib MiB of float32, written and freed at once
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(mib * 2**18)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    heap = 0
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if line.rstrip().endswith("[heap]"):
+                lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+                heap += hi - lo
+    n = (heap + 256 * 2**20) // 4  # float32 elements
+    share = 0.0
+    for _ in range(rounds):
+        torch.ones(n)  # written and freed at once
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(n)
+        share = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (n * 4 / 4096)
+    return share

@@ -54,6 +54,9 @@ def _add_model_args(p: argparse.ArgumentParser, *, ddpm: bool = True, clip: bool
     g.add_argument("--gpu_id", type=int, default=0, help="GPU index used by --device auto (official flag)")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto = fp16 on CUDA (as the official code), fp32 elsewhere")
+    g.add_argument("--clip_precision", default=None, choices=["auto", "fp32", "fp16", "bf16"],
+                   help="CLIP's precision if not --precision's (e.g. bf16 on a CPU with bf16 support: CLIP "
+                        "is the part of a CPU step beyond the UNet's own cost; see README, Performance)")
     g.add_argument("--offline", action="store_true",
                    help="never download weights; fail with the file name, URL and folder instead")
 
@@ -497,7 +500,9 @@ def load_models(args, *, need_ddpm: bool, need_clip: bool, respacing: str | None
             bar.update()
         if need_clip:
             bar.set_postfix_str(clip_file.name)
-            clip = load_clip(str(clip_file), device=device, precision=precision)
+            clip = load_clip(str(clip_file), device=device,
+                             precision=resolve_precision(getattr(args, "clip_precision", None) or args.precision,
+                                                         device))
             bar.update()
     if need_ddpm and getattr(args, "model", None) and ddpm.image_size != args.model_output_size \
             and args.model_output_size != 256:
@@ -592,7 +597,8 @@ def cmd_edit(args) -> int:
         "resolved": {"init_image": str(Path(args.init_image).resolve()),
                      "mask": str(Path(args.mask).resolve()) if args.mask else None, "mask_source": mask_source,
                      "model": str(ddpm_file), "clip": str(clip_file) if clip_file else None,
-                     "device": str(device), "precision": precision, "algorithm": algorithm,
+                     "device": str(device), "precision": precision,
+                     "clip_precision": clip.precision if clip is not None else None, "algorithm": algorithm,
                      "blend": not local, "enforce_background": enforce,
                      "model_image_size": ddpm.image_size, "respaced_steps": ddpm.num_steps,
                      "denoising_steps": k, "image_size": [w, h],

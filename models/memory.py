@@ -3,8 +3,8 @@
 glibc's malloc hands every freed block over 32 MiB straight back to the kernel, so each large UNet
 activation is a fresh ``mmap`` whose pages the kernel faults in and zeroes again on every step (millions
 of page faults per 256x256 forward+backward). Keeping freed memory in the process avoids that:
-``M_MMAP_MAX = 0`` (large blocks come from the heap too) and a 2 GiB ``M_TRIM_THRESHOLD`` (the heap is
-not trimmed after each step). The cost: the process keeps its peak memory instead of returning it.
+``M_MMAP_MAX = 0`` (large blocks come from the heap too) and ``M_TRIM_THRESHOLD = -1`` (the heap is never
+trimmed). The cost: the process keeps its peak memory instead of returning it.
 
 Measured with ``tests/benchmark.py --keep-freed-memory`` (README, Performance). The command line turns it
 on for the whole process on CPU runs (``keep_freed_memory``); the engine's ``edit`` turns it on only while
@@ -29,7 +29,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4   # glibc <malloc.h>
 # reaches once a process has freed large blocks (as every sampling run has): mmap above 32 MiB (its
 # ceiling on 64-bit), trim above twice that, the default mmap count.
 RESTORE_MMAP_THRESHOLD, RESTORE_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 32 * 2**20, 64 * 2**20, 65536
-KEEP_TRIM_THRESHOLD = 2**31 - 1
+KEEP_TRIM_THRESHOLD = -1  # mallopt(3): "-1 disables trimming completely"
 _on = False  # set for the whole process by keep_freed_memory(True)
 
 

@@ -20,7 +20,7 @@ def load_pack():
     return mod
 
 
-def refault_share(rounds: int = 3) -> float:
+def refault_share(rounds: int = 2) -> float:
     """Share of the pages of a freed block that fault again when an equal block is written right after:
     about 1 with glibc's defaults (a large freed block goes back to the kernel), near 0 when the process
     keeps freed memory (models/memory.py). The block is larger than the whole heap, so it can only come

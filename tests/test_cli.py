@@ -174,10 +174,11 @@ def test_edit_alg1_ddim_flags_and_assets(tmp_path, small_unet, ckpt_dir, photo):
                    "--local_clip_guided_diffusion", "--background_preservation_loss", "--ddim", "--vid",
                    "--export_assets", "--model", str(small_unet), "--clip", str(ckpt_dir / "clip_sd.pt"),
                    *FAST, "--batch_size", "2", "--iterations_num", "1", "--seed", "9", "-o", "res.png",
-                   "--output_path", str(out), "--device", "cpu", "--precision", "fp32"])
+                   "--output_path", str(out), "--device", "cpu", "--precision", "fp32", "--clip_precision", "bf16"])
     assert rc == 0
     rec = json.loads((out / "res.json").read_text())
     r = rec["resolved"]
+    assert r["precision"] == "fp32" and r["clip_precision"] == "bf16"
     assert r["algorithm"].startswith("Algorithm 1") and r["blend"] is False
     assert r["enforce_background"] is False and r["model_image_size"] == 64
     assert rec["parameters"]["ddim"] and rec["parameters"]["background_preservation_loss"]

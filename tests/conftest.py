@@ -50,3 +50,13 @@ def image_and_mask():
     mask = torch.zeros(1, 96, 128)
     mask[:, 30:70, 40:90] = 1
     return img, mask
+
+
+@pytest.fixture(autouse=True)
+def _allocator_back_to_defaults():
+    """The CLI keeps freed memory for its whole process on the CPU (models/memory.py); in this shared test
+    process give it back after each test, so every test starts from glibc's behaviour."""
+    yield
+    from blended_diffusion.models import memory
+    if memory._on:
+        memory.keep_freed_memory(False)

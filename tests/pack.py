@@ -20,22 +20,26 @@ def load_pack():
     return mod
 
 
-def refault_share(rounds: int = 2) -> float:
+def refault_share(block_mib: int | None = None, rounds: int = 4) -> float:
     """Share of the pages of a freed block that fault again when an equal block is written right after:
     about 1 with glibc's defaults (a large freed block goes back to the kernel), near 0 when the process
-    keeps freed memory (models/memory.py). The block is larger than the whole heap, so it can only come
-    from the heap when large blocks are not mmapped, whatever the heap holds free. The last of ``rounds``
-    tries counts (the first may still grow the heap)."""
+    keeps freed memory (models/memory.py). The last of ``rounds`` tries counts (the first ones may still
+    land in madvised free chunks or grow the heap). Default block: larger than the whole heap, so with
+    glibc's defaults it cannot come from free heap space and must be mmapped; to check that memory is
+    kept, give a fixed size (a block larger than the heap would grow a never-trimmed heap every time)."""
     import resource
 
     import torch
-    heap = 0
-    with open("/proc/self/maps") as f:
-        for line in f:
-            if line.rstrip().endswith("[heap]"):
-                lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
-                heap += hi - lo
-    n = (heap + 256 * 2**20) // 4  # float32 elements
+    if block_mib is None:
+        heap = 0
+        with open("/proc/self/maps") as f:
+            for line in f:
+                if line.rstrip().endswith("[heap]"):
+                    lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+                    heap += hi - lo
+        n = (heap + 256 * 2**20) // 4  # float32 elements
+    else:
+        n = block_mib * 2**18
     share = 0.0
     for _ in range(rounds):
         torch.ones(n)  # written and freed at once

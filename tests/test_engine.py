@@ -158,7 +158,7 @@ def test_cpu_sampling_keeps_freed_memory_only_while_it_runs(ddpm, image_and_mask
     memory.keep_freed_memory(False)
     inside = []
     img, mask = image_and_mask
-    edit(ddpm, img, mask, Guide(), skip_timesteps=8, callback=lambda *a: inside.append(refault_share()))
+    edit(ddpm, img, mask, Guide(), skip_timesteps=8, callback=lambda *a: inside.append(refault_share(256)))
     assert len(inside) == 2 and max(inside) < 0.1
     assert refault_share() > 0.5
     monkeypatch.setenv("BLENDED_DIFFUSION_KEEP_FREED_MEMORY", "0")  # opted out: defaults all along

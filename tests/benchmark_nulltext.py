@@ -121,16 +121,9 @@ def import_comfy(path: Path, device: str):
 
 # ---------------------------------------------------------------- models (ComfyUI's classes, random weights)
 def randomize(module: torch.nn.Module, seed: int) -> None:
-    """As tests/test_nulltext_nodes.py's _randomize: fan-in scaled matrices, unit norm weights, zero biases."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            elif name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
+    """Seeded values for ComfyUI's uninitialised layers (tests/tiny_sd.py's, without scales)."""
+    import tiny_sd
+    tiny_sd._randomize(module, torch.Generator().manual_seed(seed))
 
 
 def build_model(comfy, config: str):

@@ -67,15 +67,8 @@ SD15_UNET = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer
 SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
           "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 # tests/test_nulltext_nodes.py's tiny models
-TINY_UNET = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-             "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 32,
-             "num_res_blocks": [1, 1], "transformer_depth": [1, 0], "transformer_depth_output": [1, 1, 0, 0],
-             "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-             "context_dim": 64, "use_temporal_resblock": False, "use_temporal_attention": False}
-TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2,
-             "projection_dim": 64}
-TINY_VAE = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
-            "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+from tiny_sd import TINY_TEXT, TINY_UNET, TINY_VAE  # noqa: E402
+
 CONFIGS = {
     "sd15": "SD1.5 architecture: UNet 320 ch, mult 1,2,4,4, 2 res blocks, context 768, 8 heads; CLIP ViT-L/14 "
             "text model; SD VAE ch 128, mult 1,2,4,4 (random weights)",

@@ -57,17 +57,9 @@ def _randomize(module: torch.nn.Module, seed: int, scales: dict | None = None) -
 
 # A smooth eps (small output layer: DDIM inversion at guidance 1 is nearly exact, as with a trained model) that
 # depends clearly on the text (strong cross-attention values), so guidance 7.5 visibly breaks plain DDIM.
-UNET_SCALES = {"out.": 0.2, "attn2.to_v": 5.0}
-UNET = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-        "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 32,
-        "num_res_blocks": [1, 1], "transformer_depth": [1, 0], "transformer_depth_output": [1, 1, 0, 0],
-        "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-        "context_dim": 64, "use_temporal_resblock": False, "use_temporal_attention": False}
-TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2,
-        "projection_dim": 64}
-VAE_CFG = {"ddconfig": {"double_z": True, "z_channels": 4, "resolution": SIZE, "in_channels": 3, "out_ch": 3,
-                        "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [],
-                        "dropout": 0.0}, "embed_dim": 4}
+UNET_SCALES = tiny_sd.UNET_SCALES
+UNET, TEXT = tiny_sd.TINY_UNET, tiny_sd.TINY_TEXT
+VAE_CFG = {"ddconfig": dict(tiny_sd.TINY_VAE, resolution=SIZE), "embed_dim": 4}
 
 
 def tiny_model():

@@ -57,6 +57,17 @@ VAE_PREFIX = "first_stage_model."
 UNET_SCALES = {"out.": 0.2, "attn2.to_v": 5.0}
 VAE_SCALES = {"encoder.conv_out": 1 / 0.18215}
 DTYPE = torch.float16
+# Smaller still, for in-process tests (tests/test_nulltext_nodes.py) and the NULL-text benchmark's tiny
+# config: a 2-level 32-channel UNet with context 64, a 2-layer 64-wide text model, a 32-channel 8x VAE.
+TINY_UNET = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+             "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+             "num_res_blocks": [1, 1], "transformer_depth": [1, 0], "transformer_depth_output": [1, 1, 0, 0],
+             "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+             "context_dim": 64, "use_temporal_resblock": False, "use_temporal_attention": False}
+TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2,
+             "projection_dim": 64}
+TINY_VAE = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+            "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
 
 
 def import_comfy():

@@ -22,6 +22,8 @@ import functools
 import logging
 import os
 
+import torch
+
 log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4   # glibc <malloc.h>
@@ -78,13 +80,9 @@ def wanted() -> bool:
 def keeping_freed_memory(device):
     """Keep freed memory while the block runs on the CPU, then restore and trim (no-op on other
     devices, when already on for the process, or when not ``wanted()``)."""
-    scoped = torch_device_type(device) == "cpu" and not _on and wanted() and keep_freed_memory(True)
+    scoped = torch.device(device).type == "cpu" and not _on and wanted() and keep_freed_memory(True)
     try:
         yield
     finally:
         if scoped:
             keep_freed_memory(False)
-
-
-def torch_device_type(device) -> str:
-    return getattr(device, "type", str(device).split(":")[0])

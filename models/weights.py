@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,7 +197,8 @@ def download_file(url: str, dest: Path | str, *, weight: WeightFile | None = Non
                   retries: int = 3, backoff: float = 1.0, timeout: float = 60.0,
                   chunk_size: int = 1 << 20) -> Path:
     """Download ``url`` to ``dest`` through ``dest.part``: resume (HTTP Range) after a dropped
-    connection, up to ``retries`` retries with exponential ``backoff``; check length and sha256
+    connection, up to ``retries`` retries with exponential ``backoff`` (none when the host name cannot be
+    resolved: that fails at once); check length and sha256
     (from ``weight``); rename atomically. On a checksum mismatch the partial file is deleted."""
     from tqdm.auto import tqdm
 
@@ -261,7 +263,12 @@ def _fetch(url, part: Path, have: int, h, timeout, chunk_size, progress, name, b
         raise DownloadError(f"could not download {name} from {url}: HTTP {e.code} {e.reason}. Download "
                             f"it by hand and put it in {part.parent}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        raise _Retryable(getattr(e, "reason", None) or e) from None
+        reason = getattr(e, "reason", None) or e
+        if isinstance(reason, socket.gaierror):  # no DNS answer: retrying in seconds will not help
+            host = urllib.parse.urlsplit(url).hostname
+            raise DownloadError(_offline_message(
+                url, part.with_name(name), f"the host {host} cannot be resolved: {reason.strerror or reason}")) from None
+        raise _Retryable(reason) from None
     with resp:
         status = getattr(resp, "status", 200)
         length = resp.headers.get("Content-Length")

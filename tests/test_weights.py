@@ -216,3 +216,27 @@ def test_ensure_downloads_into_first_folder(tmp_path, monkeypatch):
         assert p == tmp_path / "m" / "ddpm" / "file.pt" and p.read_bytes() == PAYLOAD
         assert W.ensure(w, progress=False, pack_root=tmp_path / "pack") == p  # found, no new request
         assert len(s.requests) == 1
+
+
+UNRESOLVABLE = "weights.invalid"  # the .invalid top-level domain never resolves (RFC 2606)
+
+
+def unresolvable_url(name="file.pt"):
+    try:
+        socket.getaddrinfo(UNRESOLVABLE, 80)
+    except socket.gaierror:
+        return f"http://{UNRESOLVABLE}/diffusion/{name}"
+    pytest.skip(f"this machine's resolver answers for {UNRESOLVABLE}")
+
+
+def test_unresolvable_host_fails_at_once_without_retries(tmp_path, caplog):
+    """A host name that does not resolve (offline, DNS down, a typo) is not retried: a retry a few seconds
+    later cannot succeed, so the error comes at once, naming the host, the URL and the folder."""
+    url = unresolvable_url()
+    with caplog.at_level("INFO", logger=W.__name__):
+        with pytest.raises(W.DownloadError) as e:
+            W.download_file(url, tmp_path / "file.pt", weight=weight(url), retries=3, backoff=0)
+    assert "retry" not in caplog.text
+    msg = str(e.value)
+    assert f"the host {UNRESOLVABLE} cannot be resolved" in msg and url in msg and str(tmp_path) in msg
+    assert leftovers(tmp_path) == []

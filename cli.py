@@ -292,16 +292,60 @@ def check_weights(args, names: tuple[str, ...]) -> None:
             raise CLIError(f"--{name} = {value}: it must be a finite number >= 0 (0 turns the term off)")
 
 
-def weight_path(explicit: str | None, key: str, offline: bool) -> Path:
-    from .models import weights
-    if explicit:
-        p = Path(explicit).expanduser()
-        if not p.is_file():
-            what = ("--clip expects an OpenAI CLIP checkpoint such as ViT-B-16.pt" if key == "clip" else
-                    "--model expects a guided-diffusion checkpoint such as 256x256_diffusion_uncond.pt")
-            raise CLIError(f"{explicit}: file not found ({what})")
-        return p
-    return weights.ensure(key, download=not offline)
+WEIGHTS_HINT = ("`blended-diffusion weights` lists the files and the folders searched, `blended-diffusion weights "
+                "--download` fetches them; or give the files' paths with --model / --clip")
+
+
+def resolve_weights(args, *, need_ddpm: bool, need_clip: bool) -> tuple[Path | None, Path | None]:
+    """(DDPM file or None, CLIP file or None). Every file the command needs is checked before anything is
+    downloaded or loaded, and all that are missing are named in one error (a --model/--clip path that does not
+    exist, default files with --offline or after a failed download: each with its URL and folder). Missing
+    default files are downloaded otherwise."""
+    from .models import weights as W
+    wanted = []
+    if need_ddpm:
+        key = "ddpm_512" if getattr(args, "model_output_size", 256) == 512 else "ddpm_256"
+        wanted.append(("ddpm", args.model, key))
+    if need_clip:
+        wanted.append(("clip", args.clip, "clip"))
+    found: dict[str, Path] = {}
+    bad_paths: list[str] = []
+    missing: list = []  # (role, WeightFile)
+    for role, explicit, key in wanted:
+        if explicit:
+            p = Path(explicit).expanduser()
+            if p.is_file():
+                found[role] = p
+            else:
+                what = ("--clip expects an OpenAI CLIP checkpoint such as ViT-B-16.pt" if role == "clip" else
+                        "--model expects a guided-diffusion checkpoint such as 256x256_diffusion_uncond.pt")
+                bad_paths.append(f"{explicit}: file not found ({what})")
+        else:
+            wf = W.DEFAULT_WEIGHTS[key]
+            p = W.find(wf)
+            if p is None:
+                missing.append((role, wf))
+            else:
+                found[role] = p
+
+    def listing(items) -> str:
+        return "; ".join(f"{wf.name} ({wf.description}) from {wf.url} into {W.search_dirs(wf.folder)[0]}"
+                         for _, wf in items)
+
+    if bad_paths:
+        also = f"; also missing: {listing(missing)}. {WEIGHTS_HINT}" if missing else ""
+        raise CLIError("; ".join(bad_paths) + also)
+    if missing and args.offline:
+        raise CLIError(f"{len(missing)} weight file(s) missing and --offline forbids downloads: {listing(missing)}. "
+                       f"Download them into those folders. {WEIGHTS_HINT}")
+    for i, (role, wf) in enumerate(missing):
+        try:
+            found[role] = W.ensure(wf)
+        except W.WeightsError as e:
+            rest = missing[i + 1:]
+            also = f" Also missing: {listing(rest)}." if rest else ""
+            raise CLIError(f"{e}{also} {WEIGHTS_HINT}") from None
+    return found.get("ddpm"), found.get("clip")
 
 
 def find_example() -> tuple[Path, Path | None, str]:
@@ -485,12 +529,7 @@ def load_models(args, *, need_ddpm: bool, need_clip: bool, respacing: str | None
         from .models import memory
         if memory.wanted():
             memory.keep_freed_memory()  # about 20% faster guided steps on the CPU (models/memory.py)
-    ddpm_file = clip_file = None
-    if need_ddpm:
-        key = "ddpm_512" if getattr(args, "model_output_size", 256) == 512 else "ddpm_256"
-        ddpm_file = weight_path(args.model, key, args.offline)
-    if need_clip:
-        clip_file = weight_path(args.clip, "clip", args.offline)
+    ddpm_file, clip_file = resolve_weights(args, need_ddpm=need_ddpm, need_clip=need_clip)
     ddpm = clip = None
     with tqdm(total=int(need_ddpm) + int(need_clip), desc="loading models", unit="model", file=sys.stderr,
               dynamic_ncols=True) as bar:

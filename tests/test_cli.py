@@ -277,6 +277,52 @@ def test_edit_errors_are_clear(tmp_path, photo, monkeypatch, capsys):
         assert part in cap.err
 
 
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def test_missing_weights_are_all_named_in_one_error_before_any_download(tmp_path, photo, monkeypatch, capsys):
+    """Every weight file the command needs is checked first: all missing ones in one error line (file, URL,
+    folder, and the `weights` subcommand that lists and fetches them), offline, with a --model path that does
+    not exist, and when the download host cannot be resolved (at once: no retries)."""
+    import dataclasses
+    import socket
+
+    from blended_diffusion.models import weights as W
+    models = tmp_path / "models"
+    monkeypatch.setenv("BLENDED_DIFFUSION_MODELS", str(models))
+    img, mask = photo
+    argv = ["edit", "-p", "a cat", "-i", img, "--mask", mask, *FAST, "--output_path", tmp_path / "o"]
+
+    def one_error(cap, files):
+        errors = error_lines(cap.err)
+        assert len(errors) == 1 and "Traceback" not in cap.err, cap.err
+        for wf in files:
+            assert wf.name in errors[0] and wf.url in errors[0] and str(models / wf.folder) in errors[0], errors[0]
+        assert "`blended-diffusion weights`" in errors[0] and "--download" in errors[0]
+        return errors[0]
+
+    rc, cap = run_cli([*argv, "--offline"], capsys)
+    assert rc == 1
+    one_error(cap, [W.DDPM_256, W.CLIP_VIT_B16])
+    rc, cap = run_cli([*argv, "--offline", "--model", tmp_path / "nope.pt"], capsys)
+    assert rc == 1
+    assert "nope.pt: file not found" in one_error(cap, [W.CLIP_VIT_B16])
+
+    try:
+        socket.getaddrinfo("weights.invalid", 80)
+        pytest.skip("this machine's resolver answers for weights.invalid")
+    except socket.gaierror:
+        pass
+    for key, wf in (("ddpm_256", W.DDPM_256), ("clip", W.CLIP_VIT_B16)):
+        monkeypatch.setitem(W.DEFAULT_WEIGHTS, key, dataclasses.replace(wf, url=f"http://weights.invalid/{wf.name}"))
+    rc, cap = run_cli(argv, capsys)
+    assert rc == 1 and "retry" not in cap.err
+    line = one_error(cap, list(W.DEFAULT_WEIGHTS[k] for k in ("ddpm_256", "clip")))
+    assert "weights.invalid cannot be resolved" in line
+    assert not models.exists() or not any(models.rglob("*.part"))
+
+
 def test_mask_files(tmp_path):
     """Any non-zero pixel is masked: grayscale, colour (any channel), 16-bit; with transparency,
     the transparent pixels (ComfyUI's LoadImage convention); resized nearest; --invert_mask."""

@@ -292,6 +292,35 @@ def check_weights(args, names: tuple[str, ...]) -> None:
             raise CLIError(f"--{name} = {value}: it must be a finite number >= 0 (0 turns the term off)")
 
 
+def check_output_dir(path: str | Path, flag: str = "--output_path") -> Path:
+    """``path`` is a folder that exists or can be created, and files can be written in it: checked before any
+    model is loaded, so a path under a regular file, a read-only location or one the system refuses (/proc,
+    /sys, a folder without write permission) is one error line instead of a traceback after sampling. The
+    check writes a probe (a file in the folder, or a folder in its nearest existing parent) and removes it at
+    once: it holds for root too, whom permission bits do not stop, and nothing is left behind."""
+    import tempfile
+    out = Path(path).expanduser()
+    base = out
+    try:
+        base = next(p for p in (out, *out.parents) if p.exists() or p.is_symlink())
+        if base == out and not out.is_dir():
+            raise CLIError(f"{flag} {path} is a file, not a folder: give a folder")
+        if not base.is_dir():
+            raise CLIError(f"{flag} {path}: {base} is a file, not a folder, so nothing can be created under it; "
+                           "give a folder")
+        if base == out:
+            fd, probe = tempfile.mkstemp(prefix=".write_check_", dir=out)
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".write_check_", dir=base))
+    except OSError as e:
+        what = "write files in" if base == out else "create a folder in"
+        raise CLIError(f"{flag} {path}: cannot {what} {base} (refused: {e.strerror or e}); give a folder you can write "
+                       "to") from None
+    return out
+
+
 WEIGHTS_HINT = ("`blended-diffusion weights` lists the files and the folders searched, `blended-diffusion weights "
                 "--download` fetches them; or give the files' paths with --model / --clip")
 
@@ -488,6 +517,20 @@ def mask_overlay(image, mask):
     return to_pil(image[0] * (1 - 0.5 * m) + red * 0.5 * m)
 
 
+def made_dirs(path: Path) -> list[Path]:
+    """Create ``path`` (and missing parents); returns the folders this created, deepest first."""
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed run created, deepest first, where they are still empty."""
+    for d in folders:
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only succeeds when empty
+
+
 def parameters(args) -> dict:
     """Every parsed option, for the JSON record."""
     return {k: v for k, v in vars(args).items() if k != "argv"}
@@ -583,6 +626,7 @@ def cmd_edit(args) -> int:
     if Path(args.output_file).name != args.output_file:
         raise CLIError(f"-o/--output_file {args.output_file!r} must be a file name; use --output_path for "
                        "the folder")
+    check_output_dir(args.output_path)
 
     image = load_image(args.init_image)
     h, w = image.shape[-2:]
@@ -754,6 +798,7 @@ def cmd_extrapolate(args) -> int:
     if Path(args.output_file).name != args.output_file:
         raise CLIError(f"-o/--output_file {args.output_file!r} must be a file name; use --output_path")
     count_steps(args.timestep_respacing)
+    check_output_dir(args.output_path)
     image = load_image(args.init_image)
     need_clip = any(p.strip() for p in prompts.values())
     ddpm, clip, device, precision, ddpm_file, clip_file = load_models(
@@ -813,14 +858,17 @@ def cmd_rank(args) -> int:
     if not args.prompt.strip():
         raise CLIError("-p/--prompt is empty: ranking needs the text the images should match")
     files = collect_images(args.images)
+    check_output_dir(args.output_path)
+    for f in files:  # every input readable (and the mask selecting a pixel of each) before CLIP is loaded
+        img = load_image(f)
+        if args.mask and not (load_mask(args.mask, tuple(img.shape[-2:]), args.invert_mask) > 0).any():
+            raise CLIError(f"the mask {args.mask} selects no pixel of {f.name}")
     _, clip, device, precision, _, clip_file = load_models(args, need_ddpm=False, need_clip=True)
     from tqdm.auto import tqdm
     scores: list[float] = []
     for f in tqdm(files, desc="scoring", unit="image", file=sys.stderr, dynamic_ncols=True):
         img = load_image(f)
         mask = load_mask(args.mask, tuple(img.shape[-2:]), args.invert_mask) if args.mask else None
-        if mask is not None and not (mask > 0).any():
-            raise CLIError(f"the mask {args.mask} selects no pixel of {f.name}")
         with torch.no_grad():
             scores.append(float(clip_scores(clip, img, mask, args.prompt)[0]))
     order = sorted(range(len(files)), key=lambda j: (scores[j], j))
@@ -1009,7 +1057,9 @@ def cmd_fidelity(args) -> int:
         if args.guidance is not None and not 1 <= args.guidance < float("inf"):
             raise CLIError(f"--guidance = {args.guidance}: it must be a finite number >= 1")
         t0s = fid.parse_values(args.t0, "--t0", 1e-6, 1.0)
-    out_dir = Path(args.output_path)
+    out_dir = check_output_dir(args.output_path)
+    if args.save_inversion:
+        check_output_dir(Path(args.save_inversion).expanduser().parent, "--save-inversion")
 
     device = resolve_device(args.device, args.gpu_id)
     if sd_mode:
@@ -1188,18 +1238,21 @@ def cmd_run(args) -> int:
         raise CLIError(f"--input_dir {args.input_dir}: no such folder")
     from .models.weights import ENV_MODELS_DIR
     from .nodes import runner
-    out_dir = Path(args.output_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_output_dir(args.output_path)
+    created = made_dirs(out_dir)
     t0 = time.time()
     try:
         with _env(ENV_MODELS_DIR, str(Path(args.models_dir).expanduser().resolve()) if args.models_dir else None):
             result = runner.run_workflow(workflow, input_dir=args.input_dir, output_dir=str(out_dir),
                                          overrides=overrides)
-    except KeyboardInterrupt:
-        log.warning("interrupted")
-        return 130
-    except FileNotFoundError as e:
-        raise CLIError(str(e)) from None
+    except BaseException as e:
+        remove_empty(created)
+        if isinstance(e, KeyboardInterrupt):
+            log.warning("interrupted")
+            return 130
+        if isinstance(e, FileNotFoundError):
+            raise CLIError(str(e)) from None
+        raise
     files = [Path(f) for f in result.files]
     texts = {nid: ui.get("text") for nid, ui in result.ui.items() if ui.get("text")}
     for nid, text in texts.items():

@@ -323,6 +323,83 @@ def test_missing_weights_are_all_named_in_one_error_before_any_download(tmp_path
     assert not models.exists() or not any(models.rglob("*.part"))
 
 
+def test_output_folder_is_checked_before_anything_is_loaded(tmp_path, small_unet, ckpt_dir, photo, capsys):
+    """An --output_path that cannot hold results (a path under a regular file, a regular file, /proc, /sys:
+    both refuse new files even for root) is one error line before any model is loaded or anything
+    sampled, for every subcommand that writes; the file is untouched and nothing is created."""
+    img, mask = photo
+    afile = tmp_path / "afile.txt"
+    afile.write_text("keep me")
+    models = ["--model", small_unet, "--clip", ckpt_dir / "clip_sd.pt", "--device", "cpu"]
+    edit = ["edit", "-p", "a cat", "-i", img, "--mask", mask, *ONE_STEP, "--batch_size", 1, "--iterations_num", 1,
+            *models]
+    cases = [(afile / "out", f"{afile} is a file, not a folder"), (afile, "is a file, not a folder"),
+             (Path("/proc/blended_diffusion_out"), "cannot create a folder in /proc"),
+             (Path("/sys/blended_diffusion_out/results"), "cannot create a folder in /sys")]
+    for out, message in cases:
+        rc, cap = run_cli([*edit, "--output_path", out], capsys)
+        errors = error_lines(cap.err)
+        assert rc == 1 and len(errors) == 1 and message in errors[0] and str(out) in errors[0], cap.err
+        assert "Traceback" not in cap.err and "loading models" not in cap.err and "loaded" not in cap.err
+    others = [["extrapolate", "-i", img, "--right", "a forest", "--timestep_respacing", "10", "--k_min", "1",
+               "--k_max", "1", "--final_k", "0", "--aug_num", "2", *models],
+              ["rank", img, "-p", "a cat", "--clip", ckpt_dir / "clip_sd.pt"],
+              ["fidelity", "-i", img, "--mask", mask, "-p", "a cat", "--timestep_respacing", "10",
+               "--skip-timesteps", "9", "--aug_num", "2", *models],
+              ["run", "01_text_edit_ranked"]]
+    for argv in others:
+        rc, cap = run_cli([*argv, "--output_path", afile / "out"], capsys)
+        errors = error_lines(cap.err)
+        assert rc == 1 and len(errors) == 1 and "is a file, not a folder" in errors[0], (argv[0], cap.err)
+        assert "loading models" not in cap.err and "Traceback" not in cap.err
+    assert afile.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "afile.txt", "mask.png", "photo.png"]
+
+
+def _without_permission_override():
+    """preexec_fn: as root, drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set, so the
+    program run next obeys file permission bits like any user (root keeps them otherwise)."""
+    if os.geteuid() != 0:
+        return
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_output_folder_without_write_permission(tmp_path, small_unet, ckpt_dir, photo):
+    """A folder with mode 0o555 (and a new folder inside it) is refused before models load. The CLI runs in a
+    child process that obeys permission bits also when the tests run as root (see _without_permission_override):
+    the kernel refuses the write with EACCES, as it does for any user."""
+    ro = tmp_path / "readonly"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        probe = subprocess.run([sys.executable, "-c", f"open({str(ro / 'x')!r}, 'w')"], capture_output=True,
+                               preexec_fn=_without_permission_override, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"cannot run a process that obeys permission bits here ({e})")
+    if probe.returncode == 0:
+        pytest.skip("this process may write into a 0o555 folder (permission bits not enforced here)")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "blended_diffusion").symlink_to(ROOT, target_is_directory=True)
+    img, mask = photo
+    base = ["edit", "-p", "a cat", "-i", img, "--mask", mask, *ONE_STEP, "--batch_size", "1", "--iterations_num",
+            "1", "--model", small_unet, "--clip", ckpt_dir / "clip_sd.pt", "--device", "cpu"]
+    code = ("import sys\nfrom blended_diffusion import cli\n"
+            f"print('RC', cli.main({[str(a) for a in base]!r} + ['--output_path', sys.argv[1]]))\n")
+    for out, what in ((ro, "cannot write files in"), (ro / "new", "cannot create a folder in")):
+        ran = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(tmp_path / "pkg")},
+                             preexec_fn=_without_permission_override)
+        errors = error_lines(ran.stderr)
+        assert "RC 1" in ran.stdout and len(errors) == 1, ran.stdout + ran.stderr
+        assert f"{what} {ro}" in errors[0] and "Permission denied" in errors[0], errors[0]
+        assert "loading models" not in ran.stderr and "Traceback" not in ran.stderr
+    assert list(ro.iterdir()) == []
+
+
 def test_mask_files(tmp_path):
     """Any non-zero pixel is masked: grayscale, colour (any channel), 16-bit; with transparency,
     the transparent pixels (ComfyUI's LoadImage convention); resized nearest; --invert_mask."""
@@ -394,6 +471,25 @@ def test_rank_end_to_end(tmp_path, ckpt_dir, photo, capsys):
         assert copy.name == cli.score_token(r["score"]) + "_" + Path(r["source"]).name
         assert copy.read_bytes() == Path(r["source"]).read_bytes()  # exact copies
     assert "best:" in cap.out
+
+
+def test_rank_reads_every_image_and_the_mask_before_loading_clip(tmp_path, ckpt_dir, photo, capsys):
+    """A broken file anywhere in the list, or a mask that selects nothing, stops `rank` before CLIP is loaded."""
+    img, mask = photo
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for k in range(3):
+        (folder / f"r{k}.png").write_bytes(img.read_bytes())
+    (folder / "r9.png").write_bytes(b"not a png")
+    black = tmp_path / "black.png"
+    Image.new("L", (96, 72)).save(black)
+    for argv, message in (([folder], "r9.png: not a readable image"),
+                          ([img, "--mask", black], "selects no pixel")):
+        rc, cap = run_cli(["rank", *argv, "-p", "a cat", "--clip", ckpt_dir / "clip_sd.pt", "--output_path",
+                           tmp_path / "o"], capsys)
+        errors = error_lines(cap.err)
+        assert rc == 1 and len(errors) == 1 and message in errors[0], cap.err
+        assert "loading models" not in cap.err and not (tmp_path / "o").exists()
 
 
 def _bundled_workflow():

@@ -570,8 +570,7 @@ def load_models(args, *, need_ddpm: bool, need_clip: bool, respacing: str | None
     precision = resolve_precision(args.precision, device)
     if device.type == "cpu":
         from .models import memory
-        if memory.wanted():
-            memory.keep_freed_memory()  # about 20% faster guided steps on the CPU (models/memory.py)
+        memory.setup_cpu_process()  # keep freed memory: about 20% faster guided steps (models/memory.py)
     ddpm_file, clip_file = resolve_weights(args, need_ddpm=need_ddpm, need_clip=need_clip)
     ddpm = clip = None
     with tqdm(total=int(need_ddpm) + int(need_clip), desc="loading models", unit="model", file=sys.stderr,
@@ -658,15 +657,12 @@ def cmd_edit(args) -> int:
                   l2_lambda=args.l2_sim_lambda if bg_loss else 0.0, fast=args.fast)
     enforce = args.enforce_background and not local  # the official code never pastes in Algorithm 1
 
+    # Folders are made when there is something to put in them: a run that fails (out of memory, a bad
+    # file) before its first result leaves no empty ranked/ or assets/ behind.
     out_dir = Path(args.output_path)
     ranked_dir = out_dir / "ranked"
-    ranked_dir.mkdir(parents=True, exist_ok=True)
     assets_dir = out_dir / "assets"
-    if args.export_assets:
-        assets_dir.mkdir(exist_ok=True)
-        to_pil(image[0]).save(assets_dir / f"{stem}{suffix}")
-        to_pil(mask.expand(3, -1, -1)).save(assets_dir / f"{stem}_mask{suffix}")
-    stale = [p for p in ranked_dir.glob(f"*_{stem}_i_*_b_*{suffix}")]
+    stale = [p for p in ranked_dir.glob(f"*_{stem}_i_*_b_*{suffix}")] if ranked_dir.is_dir() else []
     if stale:
         log.warning("%s already holds %d ranked result(s) named *_%s_i_*: they are kept; %s lists this "
                     "run's files", ranked_dir, len(stale), stem, out_dir / f"{stem}.json")
@@ -697,6 +693,7 @@ def cmd_edit(args) -> int:
     t0 = time.time()
 
     def finalize():
+        out_dir.mkdir(parents=True, exist_ok=True)
         order = sorted(range(len(results)), key=lambda j: (results[j]["score"] is None,
                                                            results[j]["score"] or 0.0, j))
         for rank_, j in enumerate(order, 1):
@@ -732,6 +729,11 @@ def cmd_edit(args) -> int:
             if need_clip:
                 from .models.apps import clip_scores
                 scores = clip_scores(clip, out, mask, prompt).tolist()
+            ranked_dir.mkdir(parents=True, exist_ok=True)
+            if args.export_assets and it == 0:  # with the first results
+                assets_dir.mkdir(exist_ok=True)
+                to_pil(image[0]).save(assets_dir / f"{stem}{suffix}")
+                to_pil(mask.expand(3, -1, -1)).save(assets_dir / f"{stem}_mask{suffix}")
             for b in range(out.shape[0]):
                 name = f"{stem}_i_{it}_b_{b}{suffix}"
                 score = None if scores is None else float(scores[b])
@@ -1340,12 +1342,19 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             log.warning("interrupted")
             return 130
-        except RuntimeError as e:  # torch.OutOfMemoryError and the backends' out-of-memory errors
-            if not any(m in str(e).lower() for m in ("out of memory", "can't allocate memory")):
-                raise  # (the second: torch's CPU allocator)
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError, torch's CPU allocator, oneDNN, Python
+            from .models.memory import out_of_memory
+            text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            kind = out_of_memory(e)
+            if "out of memory" not in text.lower() and kind is None:
+                raise
             if args.verbose:
                 log.exception("error")
-            log.error("error: %s", str(e).splitlines()[0])
+            if "out of memory" not in text.lower():  # raised outside the sampler's batch splitting
+                text = (f"out of memory{', most likely' if kind == 'likely' else ''} ({text}): use a smaller "
+                        "--batch_size, fewer --aug_num views, --precision fp16/bf16 on a GPU or --clip_precision "
+                        "bf16, or close other programs")
+            log.error("error: %s", text)
             return 1
 
 

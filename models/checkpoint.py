@@ -7,6 +7,8 @@ import zipfile
 
 import torch
 
+from .memory import out_of_memory
+
 log = logging.getLogger(__name__)
 
 
@@ -37,6 +39,8 @@ def read_state_dict(path: str, expected: str) -> dict[str, torch.Tensor]:
     except CheckpointError:
         raise
     except Exception as e:  # corrupt, truncated, or a pickle that carries code
+        if out_of_memory(e):
+            raise  # not a bad file: the machine has too little memory for it
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             msg = "the file holds pickled Python objects, not plain weights; refused by safe loading"

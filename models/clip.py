@@ -10,6 +10,7 @@ from open_clip import tokenizer as oc_tokenizer
 from open_clip.model import build_model_from_openai_state_dict
 
 from .checkpoint import CheckpointError, describe, read_state_dict
+from .memory import out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,8 @@ def load_clip(path: str, device="cpu", precision: str = "fp32") -> ClipModel:
             _sequence_first(model)
             model.to(device)
     except Exception as e:
+        if out_of_memory(e):
+            raise  # not an unknown architecture: the machine has too little memory for it
         detail = (f"missing tensor {e.args[0]!r}" if isinstance(e, KeyError) else
                   " ".join(line.strip() for line in str(e).splitlines()[:2])[:200])
         raise CheckpointError(f"{path}: unknown CLIP architecture ({detail}); expected an OpenAI-format "

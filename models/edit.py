@@ -3,13 +3,14 @@ batches (split on out-of-memory), paste back. Images are [B, 3, H, W] in 0..1, m
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 
 import torch
 
 from .blended import StepCallback, blended_diffusion, generators
 from .guidance import Guide
-from .memory import keeping_freed_memory
+from .memory import OOM_FIXES, keeping_freed_memory, out_of_memory, return_freed_memory
 from .region import crop, paste, plan_box
 
 log = logging.getLogger(__name__)
@@ -107,14 +108,24 @@ def edit(ddpm, image: torch.Tensor, mask: torch.Tensor | None, guide: Guide, *,
                         enforce_background=enforce_background, class_label=class_label,
                         x_start=None if x_start is None else x_start[done:done + n].to(device).clone(),
                         callback=callback)
-                except torch.OutOfMemoryError:
-                    if n == 1:  # still an OutOfMemoryError, so hosts run their own OOM handling
+                except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+                    kind = out_of_memory(e)
+                    if kind is None:
+                        raise
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    if n == 1 and kind == "sure":  # an OutOfMemoryError, so hosts run their own OOM handling
                         raise torch.OutOfMemoryError(
-                            "out of memory with a batch of 1: use a smaller model, fp16/bf16 "
-                            "precision, or fewer augmentation views") from None
+                            f"out of memory with a batch of 1: {OOM_FIXES} ({first})") from None
+                    if n == 1:
+                        raise RuntimeError(f"out of memory with a batch of 1, most likely: {OOM_FIXES} ({first}: "
+                                           "oneDNN's error when it cannot allocate its memory)") from e
                     chunk = max(1, n // 2)
-                    log.warning("out of memory at batch %d: retrying in batches of %d", n, chunk)
-                    if torch.cuda.is_available():
+                    log.warning("%s at batch %d: retrying in batches of %d", "out of memory" if kind == "sure" else
+                                f"{first} (usually out of memory)", n, chunk)
+                    gc.collect()  # the failed attempt's tensors may sit in reference cycles (frames, tracebacks)
+                    if torch.device(device).type == "cpu":
+                        return_freed_memory()
+                    elif torch.cuda.is_available():
                         torch.cuda.empty_cache()
                     continue
                 check_finite(x0)

@@ -57,7 +57,7 @@ def keep_freed_memory(enabled: bool = True) -> bool:
     if libc is None:
         return False
     mallopt = libc.mallopt
-    global _on
+    global _on, _returning
     if enabled:
         ok = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD))
     else:
@@ -66,14 +66,89 @@ def keep_freed_memory(enabled: bool = True) -> bool:
         libc.malloc_trim(0)  # hand back what the heap kept now (else only at the next large free, if ever)
     if not ok:
         log.warning("mallopt refused the allocator setting; CPU sampling runs at the default speed")
-    _on = enabled and ok
+    _on, _returning = enabled and ok, False
     return ok
 
 
 def wanted() -> bool:
-    """False when the user opted out or set glibc's own variables (left as they chose)."""
+    """False when the user opted out or set glibc's own variables (left as they chose), or when the process's
+    address space is limited (see ``address_space_limited``)."""
     return os.environ.get("BLENDED_DIFFUSION_KEEP_FREED_MEMORY", "1") != "0" and not any(
-        k in os.environ for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"))
+        k in os.environ for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")) and not address_space_limited()
+
+
+def setup_cpu_process() -> str | None:
+    """The command line's allocator setting for a whole CPU run: keep freed memory (faster steps) when
+    ``wanted()``; under an address-space limit return it at once instead (``return_freed_memory``), so that a
+    batch halved after an out-of-memory finds room; nothing when the user set glibc's variables. Returns
+    "keep", "return" or None."""
+    if wanted():
+        return "keep" if keep_freed_memory() else None
+    if address_space_limited() and not any(k in os.environ for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
+                                                                      "MALLOC_MMAP_THRESHOLD_")):
+        return "return" if return_freed_memory() else None
+    return None
+
+
+def address_space_limited() -> bool:
+    """A limit on the process's data or address space (``ulimit -d`` / ``-v``, RLIMIT_DATA / RLIMIT_AS) or the
+    kernel's strict overcommit (vm.overcommit_memory = 2). There a heap that keeps its freed memory stays
+    charged after an out-of-memory, even once glibc has handed the pages back: the retry with half the batch
+    would find no room (what does not come from malloc, like oneDNN's code buffers, fails first)."""
+    try:
+        import resource
+        if any(resource.getrlimit(r)[0] != resource.RLIM_INFINITY for r in (resource.RLIMIT_DATA, resource.RLIMIT_AS)):
+            return True
+    except (ImportError, ValueError, OSError):  # no resource module (Windows)
+        pass
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            return f.read().strip() == "2"
+    except OSError:
+        return False
+
+
+RETURN_MMAP_THRESHOLD = 256 * 2**10
+_returning = False  # set by return_freed_memory()
+
+
+def return_freed_memory() -> bool:
+    """The opposite of ``keep_freed_memory``, for a CPU short of memory: from now on every block of 256 KiB or
+    more gets its own mapping, unmapped as soon as it is freed, and the heap's free memory goes back to the
+    kernel now (glibc ``mallopt``, ``malloc_trim``). Used after an out-of-memory on the CPU, and from the start
+    where the address space is limited (``address_space_limited``): a heap that kept a failed attempt's blocks
+    would leave the retry with half the batch no room, first of all for what does not come from malloc
+    (oneDNN's code buffers). Costs page faults on every large block, like glibc's defaults before their mmap
+    threshold grows. Undone by ``keep_freed_memory`` (on or off). Returns whether it was applied."""
+    global _on, _returning
+    libc = _libc()
+    if libc is None:
+        return False
+    ok = (bool(libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)) and bool(libc.mallopt(M_MMAP_THRESHOLD, RETURN_MMAP_THRESHOLD))
+          and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 * RETURN_MMAP_THRESHOLD)))
+    libc.malloc_trim(0)
+    _on, _returning = False, ok
+    return ok
+
+
+OOM_FIXES = "use a smaller model, fp16/bf16 precision, or fewer augmentation views (on the CPU: close other programs)"
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """Whether ``e`` is the device running out of memory: "sure" for torch.OutOfMemoryError (CUDA, MPS, XPU),
+    Python's MemoryError and torch's CPU allocator failure (a plain RuntimeError, "DefaultCPUAllocator: can't
+    allocate memory: you tried to allocate N bytes"); "likely" for oneDNN's "could not create a primitive", which
+    a CPU near its memory limit raises when the scratch memory of a convolution cannot be allocated (it has
+    other, rare causes, so it is never reported as a certain out-of-memory); None for anything else."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return "sure"
+    if isinstance(e, RuntimeError):
+        text = str(e)
+        if "can't allocate memory" in text:
+            return "sure"
+        if "could not create a primitive" in text:
+            return "likely"
+    return None
 
 
 @contextlib.contextmanager

@@ -561,6 +561,16 @@ def test_run_override_errors(tmp_path, capsys):
     assert rc == 1 and "not found" in cap.err
 
 
+def test_failed_run_leaves_no_output_folder(tmp_path, capsys):
+    """A workflow that fails (here: its model file is missing) leaves no empty output folder behind."""
+    (tmp_path / "models" / "ddpm").mkdir(parents=True)
+    out = tmp_path / "a" / "out"
+    rc, cap = run_cli(["run", "01_text_edit_ranked", "--models_dir", tmp_path / "models", "--output_path", out],
+                      capsys)
+    assert rc == 1 and "256x256_diffusion_uncond.pt" in cap.err
+    assert not (tmp_path / "a").exists()
+
+
 def test_weights_subcommand(tmp_path, monkeypatch, capsys):
     from blended_diffusion.models import weights
     monkeypatch.setenv("BLENDED_DIFFUSION_MODELS", str(tmp_path))

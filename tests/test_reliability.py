@@ -610,6 +610,106 @@ def test_out_of_memory_splits_the_batch_then_reports_a_batch_of_one(models, refe
     still_works(models, reference)
 
 
+def test_cpu_allocator_failures_count_as_out_of_memory():
+    """torch's CPU allocator failure is a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory"),
+    not torch.OutOfMemoryError: it counts as out of memory (so the batch is split), other errors do not. An
+    address-space limit is noticed (there freed memory is returned at once instead of kept). The failed
+    allocation runs in a child process: glibc's heap works differently for the rest of a process after it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from pack import load_pack
+load_pack()
+import torch
+from blended_diffusion.models import memory
+try:
+    torch.empty(1 << 60, dtype=torch.uint8)  # refused at once by the kernel: nothing is allocated
+except RuntimeError as e:
+    print("KIND", memory.out_of_memory(e), isinstance(e, torch.OutOfMemoryError))
+"""
+    ran = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True,
+                         timeout=300)
+    assert "KIND sure False" in ran.stdout, ran.stdout + ran.stderr[-2000:]
+    import resource
+
+    from blended_diffusion.models import memory
+    assert memory.out_of_memory(torch.OutOfMemoryError("CUDA out of memory")) == "sure"
+    assert memory.out_of_memory(MemoryError()) == "sure"
+    with pytest.raises(RuntimeError) as other:
+        torch.ones(2, 3) @ torch.ones(2, 3)
+    assert memory.out_of_memory(other.value) is None and memory.out_of_memory(ValueError("x")) is None
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        pytest.skip("this process already runs under an address-space limit")
+    assert not memory.address_space_limited() or open("/proc/sys/vm/overcommit_memory").read().strip() == "2"
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 50, hard))  # 1 PiB: limits nothing, but is a limit
+    try:
+        assert memory.address_space_limited() and not memory.wanted()
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+# Runs the command line with a real limit on its data segment (RLIMIT_DATA, counted from what the imports
+# took), so that torch's CPU allocator fails for real: no mock of torch.
+LIMITED_CLI = """
+import resource, sys
+import torch
+from blended_diffusion import cli
+from blended_diffusion.models import apps  # noqa: F401  (imported before the limit: not part of the budget)
+def data_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) >> 10 for line in f if line.startswith("VmData:"))
+limit = (data_mib() + int(sys.argv[1])) << 20
+resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_cpu_out_of_memory_under_a_real_memory_limit(ckpt_dir, tmp_path, photo):
+    """A batch that does not fit on the CPU is halved and retried until it fits (warning), and the run
+    succeeds; where even one result does not fit: one error line naming the fixes, exit code 1, and no empty
+    result folder left behind. Budgets: the 64 px model needs roughly 150 MiB for one result and far more than
+    300 MiB for 8; the 256 px model needs far more than 300 MiB for one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    if not sys.platform.startswith("linux"):
+        pytest.skip("RLIMIT_DATA and /proc/self/status: Linux only")
+    small = tiny.save_unet(tmp_path / "64x64_uncond.pt", {k: v for k, v in tiny.UNET_64_CLASSES.items()
+                                                          if k != "num_classes"})
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "blended_diffusion").symlink_to(Path(cli.__file__).parent, target_is_directory=True)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "pkg"), "OMP_NUM_THREADS": "1"}
+    img, mask = photo
+
+    def limited(budget_mib, model, batch, out):
+        argv = ["edit", "-p", "a red ball", "-i", img, "--mask", mask, "--model", model, "--clip",
+                ckpt_dir / "ViT-B-16.pt", "--timestep_respacing", "10", "--skip_timesteps", "9", "--aug_num", "2",
+                "--batch_size", batch, "--iterations_num", "1", "--device", "cpu", "--output_path", out]
+        return subprocess.run([sys.executable, "-c", LIMITED_CLI, str(budget_mib), *map(str, argv)], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    out = tmp_path / "fits"
+    ran = limited(300, small, 8, out)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "out of memory at batch 8: retrying in batches of" in ran.stderr and "Traceback" not in ran.stderr
+    rec = json.loads((out / "output.json").read_text())
+    assert sorted(r["batch_index"] for r in rec["results"]) == list(range(8))
+    assert len(list((out / "ranked").iterdir())) == 8
+
+    out = tmp_path / "never"
+    ran = limited(300, ckpt_dir / "256x256_diffusion_uncond.pt", 2, out)
+    errors = [line for line in ran.stderr.splitlines() if line.startswith("error:")]
+    assert ran.returncode == 1 and len(errors) == 1, ran.stderr[-3000:]
+    assert "out of memory with a batch of 1" in errors[0] and "fewer augmentation views" in errors[0]
+    assert "retrying in batches of 1" in ran.stderr and "Traceback" not in ran.stderr
+    assert not out.exists()  # no empty ranked/ (or anything else) from a run that produced nothing
+
+
 def test_two_prompts_back_to_back_with_different_models(models, reference, files, ckpt_dir, tmp_path, photo,
                                                         capsys):
     with torch.inference_mode():

@@ -573,18 +573,30 @@ def load_models(args, *, need_ddpm: bool, need_clip: bool, respacing: str | None
         memory.setup_cpu_process()  # keep freed memory: about 20% faster guided steps (models/memory.py)
     ddpm_file, clip_file = resolve_weights(args, need_ddpm=need_ddpm, need_clip=need_clip)
     ddpm = clip = None
-    with tqdm(total=int(need_ddpm) + int(need_clip), desc="loading models", unit="model", file=sys.stderr,
-              dynamic_ncols=True) as bar:
-        if need_ddpm:
-            bar.set_postfix_str(ddpm_file.name)
-            ddpm = load_ddpm(str(ddpm_file), respacing=respacing, precision=precision, device=device)
-            bar.update()
-        if need_clip:
-            bar.set_postfix_str(clip_file.name)
-            clip = load_clip(str(clip_file), device=device,
-                             precision=resolve_precision(getattr(args, "clip_precision", None) or args.precision,
-                                                         device))
-            bar.update()
+    from .models.memory import out_of_memory
+    loading = None
+    try:
+        with tqdm(total=int(need_ddpm) + int(need_clip), desc="loading models", unit="model", file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            if need_ddpm:
+                loading = ddpm_file
+                bar.set_postfix_str(ddpm_file.name)
+                ddpm = load_ddpm(str(ddpm_file), respacing=respacing, precision=precision, device=device)
+                bar.update()
+            if need_clip:
+                loading = clip_file
+                bar.set_postfix_str(clip_file.name)
+                clip = load_clip(str(clip_file), device=device,
+                                 precision=resolve_precision(getattr(args, "clip_precision", None) or args.precision,
+                                                             device))
+                bar.update()
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CLIError(f"out of memory while loading {loading} ({first}): the {device.type.upper()} has too little "
+                       "free memory for the model; close other programs, or use a smaller model (or --precision "
+                       "fp16/bf16 on a GPU)") from None
     if need_ddpm and getattr(args, "model", None) and ddpm.image_size != args.model_output_size \
             and args.model_output_size != 256:
         log.warning("--model_output_size %d ignored: %s is a %dx%d model", args.model_output_size,

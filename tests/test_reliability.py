@@ -710,6 +710,31 @@ def test_cpu_out_of_memory_under_a_real_memory_limit(ckpt_dir, tmp_path, photo):
     assert not out.exists()  # no empty ranked/ (or anything else) from a run that produced nothing
 
 
+def test_model_too_large_for_the_memory_is_not_called_corrupt(ckpt_dir, tmp_path, photo):
+    """Loading a checkpoint that does not fit in the memory left (a real RLIMIT_DATA of 15 MiB beyond the
+    imports, for a 23 MB file) is reported as out of memory while loading it, not as a corrupt file or an
+    unknown architecture."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    if not sys.platform.startswith("linux"):
+        pytest.skip("RLIMIT_DATA and /proc/self/status: Linux only")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "blended_diffusion").symlink_to(Path(cli.__file__).parent, target_is_directory=True)
+    img, mask = photo
+    model = ckpt_dir / "256x256_diffusion_uncond.pt"
+    argv = ["edit", "-p", "a red ball", "-i", img, "--mask", mask, "--model", model, "--clip", ckpt_dir / "ViT-B-16.pt",
+            "--device", "cpu", "--output_path", tmp_path / "out"]
+    ran = subprocess.run([sys.executable, "-c", LIMITED_CLI, "15", *map(str, argv)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(tmp_path / "pkg"), "OMP_NUM_THREADS": "1"})
+    errors = [line for line in ran.stderr.splitlines() if line.startswith("error:")]
+    assert ran.returncode == 1 and len(errors) == 1, ran.stderr[-3000:]
+    assert f"out of memory while loading {model}" in errors[0] and "close other programs" in errors[0]
+    assert "corrupt" not in errors[0] and "unknown" not in errors[0] and "Traceback" not in ran.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_two_prompts_back_to_back_with_different_models(models, reference, files, ckpt_dir, tmp_path, photo,
                                                         capsys):
     with torch.inference_mode():

@@ -543,14 +543,19 @@ def write_json(path: Path, data: dict):
 
 
 class StepBar:
-    """tqdm over all sampling steps, fed by the engine's per-step callback."""
+    """tqdm over all sampling steps, fed by the engine's per-step callback. ``on_first_step(seconds)`` is
+    called once, after the first step, with the time since the bar was made (the sampling started)."""
 
     def __init__(self, total: int | None, desc: str):
         from tqdm.auto import tqdm
         self.bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
         self.frames: list | None = None
+        self.on_first_step = None
+        self.started = time.perf_counter()
 
     def __call__(self, step: int, total: int, x0):
+        if self.bar.n == 0 and self.on_first_step is not None:
+            self.on_first_step(time.perf_counter() - self.started)
         self.bar.update(1)
         if self.bar.total is not None and self.bar.n > self.bar.total:
             self.bar.total = self.bar.n
@@ -561,6 +566,57 @@ class StepBar:
         self.bar.close()
 
 
+def format_duration(seconds: float) -> str:
+    """12 s, 9 min, 2 h 05 min, 3.5 days."""
+    if seconds < 59.5:
+        return f"{round(seconds)} s"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    if minutes < 48 * 60:
+        return f"{minutes // 60} h {minutes % 60:02d} min"
+    return f"{seconds / 86400:.1f} days"
+
+
+def job_seconds(step_seconds: float, *, steps: int, chunks: int, iterations: int) -> float:
+    """The whole job's sampling time from one measured step of one batch: step time × steps × batches per
+    iteration × iterations."""
+    return step_seconds * steps * chunks * iterations
+
+
+def cpu_estimate(step_seconds: float, *, batch: int, chunk: int, steps: int, iterations: int, respacing: str,
+                 skip: int) -> str:
+    """The line logged after the first step of a CPU run: the estimate, and the flags that make it shorter,
+    with what a quick run (one result, about 15 steps) would take at the measured speed."""
+    chunks = math.ceil(batch / chunk)
+    total = job_seconds(step_seconds, steps=steps, chunks=chunks, iterations=iterations)
+    per_result = step_seconds / chunk
+    quick_resp = 20
+    quick_skip = min(quick_resp - 1, round(quick_resp * skip / (steps + skip)))
+    quick_steps = quick_resp - quick_skip
+    shape = f", batch {chunk}" if chunks == 1 else f" × {chunks} batches of {chunk}"
+    return (f"first step: {step_seconds:.1f} s for a batch of {chunk} → the whole job ({iterations} iteration(s) × "
+            f"{steps} steps{shape}) takes about {format_duration(total)} on this CPU. "
+            f"Shorter: fewer results with --iterations_num (now {iterations}) and --batch_size (now {batch}); fewer "
+            f"steps with --timestep_respacing (now {respacing}) and --skip_timesteps (now {skip}, {steps} steps run); "
+            f"--fast (no UNet backward, about 2× faster a step). E.g. --iterations_num 1 --batch_size 1 "
+            f"--timestep_respacing {quick_resp} --skip_timesteps {quick_skip} ({quick_steps} steps, one result) takes "
+            f"about {format_duration(per_result * quick_steps)} (README: On a CPU)")
+
+
+def announce_device(device, requested: str | None, precision: str) -> None:
+    """Say which device runs the job, and on a CPU that it is slow."""
+    if device.type == "cpu":
+        why = "--device cpu" if requested not in (None, "", "auto") else "no CUDA or MPS GPU found"
+        log.info("device: CPU (%s), %s. A CPU is slow: a guided step of the 256x256 model takes tens of seconds, "
+                 "the default job (8 iterations × batch 4 × 75 steps) many hours; an estimate follows the first "
+                 "step", why, precision)
+    else:
+        import torch
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
+        log.info("device: %s (%s), %s", device, name, precision)
+
+
 def load_models(args, *, need_ddpm: bool, need_clip: bool, respacing: str | None = None):
     """(ddpm or None, clip or None, device, precision), with a progress bar."""
     from tqdm.auto import tqdm
@@ -568,6 +624,7 @@ def load_models(args, *, need_ddpm: bool, need_clip: bool, respacing: str | None
     from .models import load_clip, load_ddpm
     device = resolve_device(args.device, getattr(args, "gpu_id", 0))
     precision = resolve_precision(args.precision, device)
+    announce_device(device, args.device, precision)
     if device.type == "cpu":
         from .models import memory
         memory.setup_cpu_process()  # keep freed memory: about 20% faster guided steps (models/memory.py)
@@ -722,6 +779,10 @@ def cmd_edit(args) -> int:
         return order
 
     bar = StepBar(args.iterations_num * k, "sampling")
+    if device.type == "cpu":
+        bar.on_first_step = lambda seconds: log.info("%s", cpu_estimate(
+            seconds, batch=args.batch_size, chunk=args.batch_size, steps=k, iterations=args.iterations_num,
+            respacing=args.timestep_respacing, skip=args.skip_timesteps))
     if args.save_video:
         bar.frames = []
     interrupted = False

@@ -1,6 +1,7 @@
 """The command line: official flags and defaults, and every subcommand end to end on tiny checkpoints."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -214,6 +215,39 @@ def test_cpu_runs_keep_freed_memory(tmp_path, small_unet, ckpt_dir, photo, monke
         assert refault_share(256) < 0.1
     finally:
         memory.keep_freed_memory(False)
+
+
+def test_cpu_run_names_the_device_and_estimates_the_job(tmp_path, small_unet, ckpt_dir, photo, capsys):
+    """On the CPU, `edit` says so (and that it is slow) before loading the models, and after the first step
+    logs once how long the whole job will take and which flags make it shorter."""
+    img, mask = photo
+    rc, cap = run_cli(["edit", "-p", "a red square", "-i", img, "--mask", mask, "--model", small_unet, "--clip",
+                       ckpt_dir / "clip_sd.pt", *FAST, "--batch_size", 2, "--iterations_num", 3, "--device", "cpu",
+                       "--output_path", tmp_path / "o"], capsys)
+    assert rc == 0, cap.err
+    lines = cap.err.splitlines()
+    device = [i for i, line in enumerate(lines) if line.startswith("device: CPU (--device cpu), fp32")]
+    loading = [i for i, line in enumerate(lines) if "loading models" in line]
+    assert len(device) == 1 and "slow" in lines[device[0]] and device[0] < loading[0]
+    estimates = [line for line in lines if "the whole job" in line]
+    assert len(estimates) == 1, cap.err  # once, after the first step of the first iteration
+    assert re.match(r"first step: \d+\.\d s for a batch of 2 → the whole job \(3 iteration\(s\) × 2 steps, "
+                    r"batch 2\) takes about \d+ s on this CPU", estimates[0]), estimates[0]
+    for flag in ("--iterations_num (now 3)", "--batch_size (now 2)", "--timestep_respacing (now 10)",
+                 "--skip_timesteps (now 8, 2 steps run)", "--fast"):
+        assert flag in estimates[0]
+
+
+def test_job_estimate_is_step_time_times_steps_batches_and_iterations():
+    assert cli.job_seconds(36.0, steps=75, chunks=1, iterations=8) == 21600
+    assert cli.job_seconds(2.0, steps=10, chunks=3, iterations=2) == 120
+    assert [cli.format_duration(s) for s in (3, 59.4, 600, 7380, 21600, 3.5 * 86400)] == [
+        "3 s", "59 s", "10 min", "2 h 03 min", "6 h 00 min", "3.5 days"]
+    # the default job at 36 s for a step of 4 results: 6 h; one result of 15 steps (20 respaced, 5 skipped,
+    # the default's share): 36 / 4 × 15 s
+    line = cli.cpu_estimate(36.0, batch=4, chunk=4, steps=75, iterations=8, respacing="100", skip=25)
+    assert "takes about 6 h 00 min" in line
+    assert "--timestep_respacing 20 --skip_timesteps 5 (15 steps, one result) takes about 2 min" in line
 
 
 def test_edit_default_weights_from_models_folder_and_ctrl_c(tmp_path, small_unet, ckpt_dir, photo,

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -37,6 +38,24 @@ class CLIError(Exception):
 
 
 # --- argument parsing ---------------------------------------------------------------------------
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`-h` shows every option's default: "(default: X)" after its help, unless the help already names its
+    default ("default: X" / "default X") or there is none to show (no value, an on/off flag, a repeatable option)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default is None or default is argparse.SUPPRESS
+                or isinstance(default, bool) or default == []
+                or re.search(rf"default:?\s+{re.escape(str(default))}", text)):
+            return text
+        return text + " (default: %(default)s)"
+
+
+SIDE_WORDS = {"left": "beyond its left edge", "right": "beyond its right edge", "up": "above its top edge",
+              "down": "below its bottom edge"}
+
+
 def _add_model_args(p: argparse.ArgumentParser, *, ddpm: bool = True, clip: bool = True):
     g = p.add_argument_group("models and device")
     if ddpm:
@@ -77,7 +96,7 @@ def _add_diffusion_args(p: argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="blended-diffusion",
+        prog="blended-diffusion", formatter_class=HelpFormatter,
         description="Blended Diffusion: text-driven editing of a region of a real image "
                     "(Avrahami et al., CVPR 2022), from the command line.",
         epilog="Run `%(prog)s SUBCOMMAND -h` for the options of each subcommand. An official "
@@ -87,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
 
     # edit -------------------------------------------------------------------------------------
-    e = sub.add_parser("edit", help="edit the masked region of an image to match a prompt",
+    e = sub.add_parser("edit", formatter_class=HelpFormatter, help="edit the masked region of an image to match a prompt",
                        description="Blended Diffusion edit with the official flags and defaults. "
                                    "Without -i/--mask, edits the example that ships with the pack.")
     e.add_argument("-p", "--prompt", type=str, default=None,
@@ -126,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e)
 
     # extrapolate ------------------------------------------------------------------------------
-    x = sub.add_parser("extrapolate", help="extend an image beyond its borders, guided by a prompt per side",
+    x = sub.add_parser("extrapolate", formatter_class=HelpFormatter, help="extend an image beyond its borders, guided by a prompt per side",
                        description="Text-guided extrapolation (paper supplement B.5.2). Name each side "
                                    "to extend with its prompt, e.g. --left 'a lake' --right 'a forest'. "
                                    "The result is at the model's resolution (its height is the model size "
@@ -135,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the image to extend (default: the bundled example)")
     for d in ("left", "right", "up", "down"):
         x.add_argument(f"--{d}", metavar="PROMPT", nargs="?", const=True, default=None,
-                       help=f"extend to the {d} under this prompt (no text: use -p; '' = unguided)")
+                       help=f"extend the image {SIDE_WORDS[d]} under this prompt (no text: use -p; '' = unguided)")
     x.add_argument("-p", "--prompt", type=str, default=None, help="prompt for the sides given without text")
     x.add_argument("--amount", type=float, default=0.5,
                    help="growth per side as a fraction of the image size (0.5 adds half the width)")
@@ -149,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(x)
 
     # rank -------------------------------------------------------------------------------------
-    r = sub.add_parser("rank", help="rank images by CLIP distance to a prompt under a mask",
+    r = sub.add_parser("rank", formatter_class=HelpFormatter, help="rank images by CLIP distance to a prompt under a mask",
                        description="Rank results (files or folders of images) by D_CLIP to the prompt "
                                    "inside the mask, lower is better; copies them best first.")
     r.add_argument("images", nargs="+", help="image files and/or folders of images")
@@ -162,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(r, ddpm=False)
 
     # fidelity ---------------------------------------------------------------------------------
-    f = sub.add_parser("fidelity", help="fidelity/editability curve: LPIPS to the source vs CLIP distance to the "
+    f = sub.add_parser("fidelity", formatter_class=HelpFormatter, help="fidelity/editability curve: LPIPS to the source vs CLIP distance to the "
                                         "prompt over a sweep (plot + CSV)",
                        description="The supplement's fidelity/editability measurement: each result's LPIPS to the "
                                    "source (whole image) against its CLIP distance to the prompt (inside the mask; "
@@ -214,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(f)
 
     # run --------------------------------------------------------------------------------------
-    u = sub.add_parser("run", help="execute a workflows/api/*.json graph without ComfyUI",
+    u = sub.add_parser("run", formatter_class=HelpFormatter, help="execute a workflows/api/*.json graph without ComfyUI",
                        description="Run an API-format workflow with the pack's standalone graph runner. "
                                    "Override inputs with --set NODE_ID.INPUT=VALUE (repeatable).")
     u.add_argument("workflow", help="path to an API-format workflow JSON, or the name of one in workflows/api")
@@ -231,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--list", action="store_true", help="list the bundled API workflows and exit")
 
     # weights ----------------------------------------------------------------------------------
-    w = sub.add_parser("weights", help="show where the default weight files are looked up; download them",
+    w = sub.add_parser("weights", formatter_class=HelpFormatter, help="show where the default weight files are looked up; download them",
                        description="Lists the default weight files, the folders searched and what was "
                                    "found. With --download, fetches missing ones (checked by sha256).")
     w.add_argument("--download", action="store_true", help="download the missing default files")

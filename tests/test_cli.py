@@ -95,6 +95,42 @@ def test_every_official_flag_parses_and_sets_its_value():
     assert (extra.model, extra.clip, extra.device, extra.precision, extra.fast) == ("m.pt", "c.pt", "cpu", "bf16", True)
 
 
+def test_help_shows_every_default_and_names_each_side(capsys):
+    """`SUBCOMMAND -h` shows the default of every option that has one (on/off flags and options without a value
+    excepted), in the wording "(default: X)" or the help's own "default X"; extrapolate's sides read as English."""
+    import argparse
+    parser = cli.build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(subs) == set(cli.SUBCOMMANDS)
+    shown = 0
+    for name, sub in subs.items():
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            default = action.default
+            if not action.option_strings or default is None or isinstance(default, bool) or default in ([], "==SUPPRESS=="):
+                continue
+            text = " ".join(formatter._expand_help(action).split())
+            assert re.search(rf"default:? {re.escape(str(default))}", text), (name, action.option_strings, text)
+            shown += 1
+    assert shown > 40
+    with pytest.raises(SystemExit) as done:
+        cli.main(["edit", "--help"])
+    assert done.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for option, default in (("--skip_timesteps SKIP_TIMESTEPS", 25), ("--batch_size BATCH_SIZE", 4),
+                            ("--iterations_num ITERATIONS_NUM", 8), ("--aug_num AUG_NUM", 8),
+                            ("--output_path OUTPUT_PATH", "output"), ("--precision {auto,fp32,fp16,bf16}", "auto")):
+        after = out[out.index(option, out.index("options:")):]
+        assert after[after.index("(default"):].startswith(f"(default: {default})"), option
+    with pytest.raises(SystemExit):
+        cli.main(["extrapolate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "to the up" not in out and "to the down" not in out
+    for side, words in (("left", "beyond its left edge"), ("right", "beyond its right edge"),
+                        ("up", "above its top edge"), ("down", "below its bottom edge")):
+        assert f"--{side} [PROMPT] extend the image {words} under this prompt" in out
+
+
 def test_python_m_and_no_comfyui_import(tmp_path, ckpt_dir):
     """`python -m blended_diffusion` works when the pack is importable as a package (as pip installs it),
     and the CLI never imports ComfyUI (checked in a fresh interpreter)."""

@@ -499,15 +499,19 @@ def score_token(score: float | None) -> str:
     return "none" if score is None or score != score else f"{score:.4f}".replace(".", "")
 
 
-def contact_sheet(tiles: list, path: Path, tile: int = 256, cols: int | None = None, title: str = ""):
+def contact_sheet(tiles: list, path: Path, tile: int = 256, cols: int | None = None, title: str = "",
+                  min_side: int = 32):
     """Grid of (PIL image, caption) tiles: cells ``tile`` wide and as tall as the tallest image's aspect
-    ratio needs, each image fitted in its cell with its caption below."""
+    ratio needs (at most 4 × ``tile``, at least ``min_side``), each image fitted in its cell with its caption
+    below. Images are shrunk, never enlarged, unless their short side would be under ``min_side``: then they
+    are enlarged to it, and an extreme aspect (a 10000×50 strip) has its short side stretched to ``min_side``,
+    so every tile shows a visible picture."""
     from PIL import Image, ImageDraw, ImageFont
     n = len(tiles)
     cols = cols or max(1, min(n, math.ceil(math.sqrt(n))))
     rows = math.ceil(n / cols)
     aspect = min(max(im.height / im.width for im, _ in tiles), 4.0)
-    tw, th = tile, max(1, round(tile * aspect))
+    tw, th = tile, max(min_side, round(tile * aspect))
     try:
         font = ImageFont.load_default(size=14)
     except TypeError:  # Pillow < 10.1
@@ -520,12 +524,23 @@ def contact_sheet(tiles: list, path: Path, tile: int = 256, cols: int | None = N
     for k, (im, caption) in enumerate(tiles):
         r, c = divmod(k, cols)
         x0, y0 = pad + c * (tw + pad), head + pad + r * (th + cap + pad)
-        thumb = im.copy()
-        thumb.thumbnail((tw, th), Image.LANCZOS)
+        thumb = _fit_tile(im, tw, th, min_side)
         sheet.paste(thumb, (x0 + (tw - thumb.width) // 2, y0 + (th - thumb.height) // 2))
         draw.text((x0 + 2, y0 + th + 3), caption, fill="black", font=font)
     sheet.save(path)
     return sheet
+
+
+def _fit_tile(im, tw: int, th: int, min_side: int):
+    """``im`` resized into a ``tw``×``th`` cell (see contact_sheet)."""
+    from PIL import Image
+    w, h = im.size
+    scale = min(1.0, tw / w, th / h)
+    if min(w, h) * scale < min_side:  # a tiny image or a sliver: as large as the cell allows, up to min_side
+        scale = min(tw / w, th / h, min_side / min(w, h))
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    nw, nh = max(nw, min(min_side, tw)), max(nh, min(min_side, th))  # an extreme aspect: short side stretched
+    return im.resize((nw, nh), Image.LANCZOS) if (nw, nh) != (w, h) else im.copy()
 
 
 def mask_overlay(image, mask):

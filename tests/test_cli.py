@@ -470,6 +470,34 @@ def test_output_folder_without_write_permission(tmp_path, small_unet, ckpt_dir, 
     assert list(ro.iterdir()) == []
 
 
+def test_contact_sheet_tiles_of_extreme_aspects_stay_visible(tmp_path):
+    """A 10000×50 strip (and a 50×10000 one) fills a visible tile, at least 32 px on its short side, instead of
+    a 1-px line; an ordinary image keeps its aspect ratio, and a small one is not enlarged."""
+    def tile_boxes(sheet, colour):
+        arr = np.asarray(sheet).astype(int)
+        hit = (np.abs(arr - np.array(colour)) < 40).all(-1)
+        half = arr.shape[1] // 2  # two tiles side by side: left and right halves
+        boxes = []
+        for part in (hit[:, :half], hit[:, half:]):
+            ys, xs = np.nonzero(part)
+            boxes.append((xs.max() - xs.min() + 1, ys.max() - ys.min() + 1))
+        return boxes
+
+    red, blue, green = (200, 30, 30), (30, 30, 200), (30, 160, 30)
+    wide = Image.new("RGB", (10000, 50), red)
+    for w, h in tile_boxes(cli.contact_sheet([(wide, "a"), (wide, "b")], tmp_path / "wide.png"), red):
+        assert w == 256 and h >= 32
+    tall = Image.new("RGB", (50, 10000), blue)
+    for w, h in tile_boxes(cli.contact_sheet([(tall, "a"), (tall, "b")], tmp_path / "tall.png"), blue):
+        assert h == 1024 and w >= 32
+    normal = Image.new("RGB", (960, 720), green)
+    for w, h in tile_boxes(cli.contact_sheet([(normal, "a"), (normal, "b")], tmp_path / "normal.png"), green):
+        assert (w, h) == (256, 192)
+    small = Image.new("RGB", (96, 72), green)
+    for w, h in tile_boxes(cli.contact_sheet([(small, "a"), (small, "b")], tmp_path / "small.png"), green):
+        assert (w, h) == (96, 72)
+
+
 def test_mask_files(tmp_path):
     """Any non-zero pixel is masked: grayscale, colour (any channel), 16-bit; with transparency,
     the transparent pixels (ComfyUI's LoadImage convention); resized nearest; --invert_mask."""

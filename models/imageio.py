@@ -25,9 +25,14 @@ class ImageFileError(ValueError):
 
 
 def open_image(path: str | Path, what: str = "image") -> Image.Image:
-    """The file's first frame, decoded, with its EXIF orientation applied."""
+    """The file's first frame, decoded, with its EXIF orientation applied. An animation or a multi-page
+    file logs a warning (camera MPO JPEGs, whose extra frame is a preview, do not)."""
     try:
         with Image.open(path) as im:
+            frames = getattr(im, "n_frames", 1)
+            if frames > 1 and im.format != "MPO":
+                log.warning("%s has %d frames: uses the first of %d frames (save the frame to edit as a "
+                            "PNG to use another)", path, frames, frames)
             im.load()
             return ImageOps.exif_transpose(im)
     except FileNotFoundError:

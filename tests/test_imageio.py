@@ -1,4 +1,4 @@
-"""Image and mask files as real users have them (issue 11, point 5): every mode is read at its real
+"""Image and mask files as real users have them (issue 11, points 5 and 8): every mode is read at its real
 values by the command line (cli.load_image / cli.load_mask) and by the standalone runner's LoadImage, which
 share models/imageio.py. Each file is written here and the loaded values are compared with the source's."""
 import logging
@@ -204,3 +204,25 @@ def test_unreadable_files_are_named(tmp_path):
     premultiplied = Image.new("La", (W, H))  # a mode Pillow cannot convert to RGB
     with pytest.raises(imageio.ImageFileError, match="x.tif: La images cannot be read as RGB"):
         imageio.rgb_array(premultiplied, "x.tif")
+
+
+# --- point 8: several frames --------------------------------------------------------------------------
+def test_animations_and_multi_page_files_use_the_first_frame_with_a_warning(tmp_path, caplog):
+    rgb = colours()
+    frames = [Image.fromarray(np.roll(rgb, 8 * k, axis=1)) for k in range(3)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    frames[0].save(tmp_path / "pages.tif", save_all=True, append_images=frames[1:2])
+    for name, n in (("anim.gif", 3), ("pages.tif", 2)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            ours, node, _ = both_readers(tmp_path / name)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 2, warnings  # one per read: the command line and the runner's LoadImage
+        assert all(str(tmp_path / name) in w and f"uses the first of {n} frames" in w for w in warnings)
+        for t in (ours, node):
+            assert np.array_equal((t.permute(1, 2, 0).numpy() * 255).round(), rgb), name
+    Image.fromarray(rgb).save(tmp_path / "still.gif")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        cli.load_image(tmp_path / "still.gif")
+    assert "frames" not in caplog.text

@@ -188,6 +188,17 @@ def test_small_masks_fill_more_of_the_model_square():
             plan_box(m, 256, context=bad)
 
 
+def test_fidelity_sweep_uses_the_context(ddpm, image_and_mask):
+    """The fidelity sweep's Blended Diffusion runs (CLI fidelity --context, FidelityCurve's context) crop as
+    edit() does with that context."""
+    from blended_diffusion.models import fidelity as fid
+    img, mask = image_and_mask
+    run, = fid.blended_runs(ddpm, Guide(), img, mask, [8], seed=2, context=1.0)
+    wide = run.make()
+    assert torch.equal(wide, edit(ddpm, img, mask, Guide(), skip_timesteps=8, seed=2, context=1.0))
+    assert not torch.equal(wide, edit(ddpm, img, mask, Guide(), skip_timesteps=8, seed=2))
+
+
 def test_empty_mask_returns_input(ddpm, image_and_mask, caplog):
     img, mask = image_and_mask
     out = edit(ddpm, img, torch.zeros_like(mask), Guide(), skip_timesteps=8, batch_size=2)

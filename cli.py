@@ -75,6 +75,19 @@ def _add_diffusion_args(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=404, help="random seed")
 
 
+def _add_context_arg(p: argparse.ArgumentParser):
+    p.add_argument("--context", type=float, default=0.25,
+                   help="margin around the mask's bounding box, as a fraction of the box on each side: the square "
+                        "the model works on, resized to the model size, so a small mask gets the model's "
+                        "resolution (enlarged at most 4x) (default 0.25)")
+
+
+def check_context(context: float) -> None:
+    if not 0 <= context < float("inf"):
+        raise CLIError(f"--context = {context}: it must be a finite number >= 0 (the margin around the mask as a "
+                       "fraction of its box; 0.25 by default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blended-diffusion",
@@ -99,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "any, else the whole image")
     e.add_argument("--skip_timesteps", type=int, default=25,
                    help="steps skipped at the start (more = closer to the source, fewer = freer)")
+    _add_context_arg(e)
     _add_diffusion_args(e)
     e.add_argument("--local_clip_guided_diffusion", action="store_true",
                    help="Algorithm 1 (local CLIP-guided diffusion, no blending) for comparison")
@@ -179,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mask image (read as for edit): the region Blended Diffusion edits and the CLIP distance "
                         "is measured in")
     f.add_argument("--invert_mask", action="store_true", help="use the outside of the mask instead")
+    _add_context_arg(f)
     f.add_argument("--skip-timesteps", "--skip_timesteps", dest="skip_timesteps", default="20,40,60,80",
                    metavar="N,N,...", help="Blended Diffusion sweep: skipped steps of the respaced schedule "
                                            "(more = closer to the source; default 20,40,60,80)")
@@ -505,6 +520,7 @@ def cmd_edit(args) -> int:
     if args.skip_timesteps < 0:
         raise CLIError(f"--skip_timesteps = {args.skip_timesteps}: it must be >= 0")
     check_weights(args, ("clip_guidance_lambda", "range_lambda", "lpips_sim_lambda", "l2_sim_lambda"))
+    check_context(args.context)
     steps = count_steps(args.timestep_respacing)
     if args.skip_timesteps >= steps:
         raise CLIError(f"--skip_timesteps {args.skip_timesteps} with --timestep_respacing "
@@ -612,7 +628,8 @@ def cmd_edit(args) -> int:
             try:
                 out = edit(ddpm, image, mask, guide, skip_timesteps=args.skip_timesteps, seed=seed,
                            batch_size=args.batch_size, ddim=args.ddim, blend=not local,
-                           enforce_background=enforce, max_batch=args.batch_size, callback=bar)
+                           enforce_background=enforce, context=args.context, max_batch=args.batch_size,
+                           callback=bar)
             except KeyboardInterrupt:
                 interrupted = True
                 break
@@ -909,6 +926,7 @@ def cmd_fidelity(args) -> int:
     if args.aug_num < 1:
         raise CLIError(f"--aug_num = {args.aug_num}: it must be at least 1")
     check_weights(args, ("clip_guidance_lambda", "range_lambda"))
+    check_context(args.context)
     skips: list[int] = []
     if args.mask is not None:
         n = count_steps(args.timestep_respacing)
@@ -973,7 +991,8 @@ def cmd_fidelity(args) -> int:
         if skips:
             guide = Guide(clip=clip, prompt=prompt, clip_lambda=args.clip_guidance_lambda,
                           range_lambda=args.range_lambda, augment=AugmentSettings(num_views=args.aug_num))
-            runs += fid.blended_runs(ddpm, guide, source, mask, skips, seed=args.seed, ddim=args.ddim)
+            runs += fid.blended_runs(ddpm, guide, source, mask, skips, seed=args.seed, ddim=args.ddim,
+                                     context=args.context)
 
         from tqdm.auto import tqdm
         rows, images = [], []

@@ -94,6 +94,19 @@ def _add_diffusion_args(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=404, help="random seed")
 
 
+def _add_context_arg(p: argparse.ArgumentParser):
+    p.add_argument("--context", type=float, default=0.25,
+                   help="margin around the mask's bounding box, as a fraction of the box on each side: the square "
+                        "the model works on, resized to the model size, so a small mask gets the model's "
+                        "resolution (enlarged at most 4x) (default 0.25)")
+
+
+def check_context(context: float) -> None:
+    if not 0 <= context < float("inf"):
+        raise CLIError(f"--context = {context}: it must be a finite number >= 0 (the margin around the mask as a "
+                       "fraction of its box; 0.25 by default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blended-diffusion", formatter_class=HelpFormatter,
@@ -118,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "any, else the whole image")
     e.add_argument("--skip_timesteps", type=int, default=25,
                    help="steps skipped at the start (more = closer to the source, fewer = freer)")
+    _add_context_arg(e)
     _add_diffusion_args(e)
     e.add_argument("--local_clip_guided_diffusion", action="store_true",
                    help="Algorithm 1 (local CLIP-guided diffusion, no blending) for comparison")
@@ -198,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mask image (read as for edit): the region Blended Diffusion edits and the CLIP distance "
                         "is measured in")
     f.add_argument("--invert_mask", action="store_true", help="use the outside of the mask instead")
+    _add_context_arg(f)
     f.add_argument("--skip-timesteps", "--skip_timesteps", dest="skip_timesteps", default="20,40,60,80",
                    metavar="N,N,...", help="Blended Diffusion sweep: skipped steps of the respaced schedule "
                                            "(more = closer to the source; default 20,40,60,80)")
@@ -406,64 +421,35 @@ def find_example() -> tuple[Path, Path | None, str]:
                    "-i IMAGE (and --mask MASK, -p PROMPT)")
 
 
-def load_image(path: str | Path):
-    """RGB image file → [1, 3, H, W] float in 0..1 (EXIF orientation applied)."""
-    import numpy as np
-    import torch
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def load_image(path: str | Path, with_alpha: bool = False):
+    """Image file → [1, 3, H, W] float in 0..1 (models/imageio.py: any mode at its real depth, EXIF
+    orientation applied, the first frame); ``with_alpha``: also its opacity [H, W], None without
+    transparency."""
+    from .models import imageio
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
-    except FileNotFoundError:
-        raise CLIError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise CLIError(f"{path}: not a readable image ({e})") from None
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None].float() / 255
+        rgb, alpha = imageio.load_image(path)
+    except (FileNotFoundError, imageio.ImageFileError) as e:
+        raise CLIError(str(e)) from None
+    return (rgb, alpha) if with_alpha else rgb
 
 
-def mask_from_pil(im):
-    """Binary mask [H, W] (numpy bool). Without transparency, any non-zero pixel is masked (the official
-    rule; grayscale, 16-bit and float modes read directly, colour: any channel). A file with
-    transparency follows ComfyUI's LoadImage (MASK = 1 − alpha): transparent or partly transparent
-    pixels are masked, so masks painted in ComfyUI's mask editor work unchanged."""
-    import numpy as np
-    alpha = alpha_channel(im)
-    if alpha is not None and (alpha < 255).any():
-        return alpha < 255
-    if im.mode in ("1", "L", "I", "I;16", "I;16B", "I;16L", "F"):
-        return np.asarray(im) > 0
-    return np.asarray(im.convert("RGB")).max(-1) > 0
-
-
-def alpha_channel(im):
-    """The 8-bit alpha channel of a PIL image as numpy, or None without transparency."""
-    import numpy as np
-    if "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info):
-        return np.asarray(im.convert("RGBA").getchannel("A"))
-    return None
-
-
-def transparent_region(path):
-    """Pixels of an image file that are not fully opaque (numpy bool [H, W]), or None if all are."""
-    from PIL import Image, ImageOps
-    with Image.open(path) as im:
-        alpha = alpha_channel(ImageOps.exif_transpose(im))
-    return None if alpha is None or not (alpha < 255).any() else alpha < 255
+def transparent_region(alpha):
+    """Pixels that are not fully opaque (numpy bool [H, W]) of an opacity map, or None if all are."""
+    return None if alpha is None or not (alpha < 1).any() else (alpha < 1).numpy()
 
 
 def load_mask(path: str | Path, size_hw: tuple[int, int], invert: bool = False):
-    """Mask file → [1, H, W] float 0/1 at the image size (nearest resampling, as the official code)."""
+    """Mask file → [1, H, W] float 0/1 at the image size (nearest resampling, as the official code).
+    Which pixels are masked: models/imageio.py's mask_array."""
     import numpy as np
     import torch
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image
+
+    from .models import imageio
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            m = mask_from_pil(im)
-    except FileNotFoundError:
-        raise CLIError(f"{path}: mask file not found") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise CLIError(f"{path}: not a readable image ({e})") from None
+        m = imageio.load_mask(path)
+    except (FileNotFoundError, imageio.ImageFileError) as e:
+        raise CLIError(str(e)) from None
     h, w = size_hw
     if m.shape != (h, w):
         mh, mw = m.shape
@@ -718,6 +704,7 @@ def cmd_edit(args) -> int:
     if args.skip_timesteps < 0:
         raise CLIError(f"--skip_timesteps = {args.skip_timesteps}: it must be >= 0")
     check_weights(args, ("clip_guidance_lambda", "range_lambda", "lpips_sim_lambda", "l2_sim_lambda"))
+    check_context(args.context)
     steps = count_steps(args.timestep_respacing)
     if args.skip_timesteps >= steps:
         raise CLIError(f"--skip_timesteps {args.skip_timesteps} with --timestep_respacing "
@@ -730,12 +717,12 @@ def cmd_edit(args) -> int:
                        "the folder")
     check_output_dir(args.output_path)
 
-    image = load_image(args.init_image)
+    image, alpha = load_image(args.init_image, with_alpha=True)
     h, w = image.shape[-2:]
     if args.mask is not None:
         mask = checked_mask(args.mask, (h, w), args.invert_mask)
         mask_source = "mask file"
-    elif (own := transparent_region(args.init_image)) is not None:
+    elif (own := transparent_region(alpha)) is not None:
         log.info("no --mask: editing the transparent pixels of %s (ComfyUI's convention)", args.init_image)
         mask = torch.from_numpy((~own if args.invert_mask else own).astype("float32"))[None]
         mask_source = "transparency of the image"
@@ -828,7 +815,8 @@ def cmd_edit(args) -> int:
             try:
                 out = edit(ddpm, image, mask, guide, skip_timesteps=args.skip_timesteps, seed=seed,
                            batch_size=args.batch_size, ddim=args.ddim, blend=not local,
-                           enforce_background=enforce, max_batch=args.batch_size, callback=bar)
+                           enforce_background=enforce, context=args.context, max_batch=args.batch_size,
+                           callback=bar)
             except KeyboardInterrupt:
                 interrupted = True
                 break
@@ -1134,6 +1122,7 @@ def cmd_fidelity(args) -> int:
     if args.aug_num < 1:
         raise CLIError(f"--aug_num = {args.aug_num}: it must be at least 1")
     check_weights(args, ("clip_guidance_lambda", "range_lambda"))
+    check_context(args.context)
     skips: list[int] = []
     if args.mask is not None:
         n = count_steps(args.timestep_respacing)
@@ -1200,7 +1189,8 @@ def cmd_fidelity(args) -> int:
         if skips:
             guide = Guide(clip=clip, prompt=prompt, clip_lambda=args.clip_guidance_lambda,
                           range_lambda=args.range_lambda, augment=AugmentSettings(num_views=args.aug_num))
-            runs += fid.blended_runs(ddpm, guide, source, mask, skips, seed=args.seed, ddim=args.ddim)
+            runs += fid.blended_runs(ddpm, guide, source, mask, skips, seed=args.seed, ddim=args.ddim,
+                                     context=args.context)
 
         from tqdm.auto import tqdm
         rows, images = [], []

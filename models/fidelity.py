@@ -75,13 +75,14 @@ def measure(images: torch.Tensor, source: torch.Tensor, clip, prompt: str,
 
 
 def blended_runs(ddpm, guide, source: torch.Tensor, mask: torch.Tensor, skips: list[int], *, seed: int,
-                 ddim: bool = False, callback=None) -> list[Run]:
+                 ddim: bool = False, context: float = 0.25, callback=None) -> list[Run]:
     """Blended Diffusion of ``source`` under ``mask`` (``guide`` carries the CLIP model and the prompt), one run
-    per skip_timesteps value, all from the same seed."""
+    per skip_timesteps value, all from the same seed; ``context`` as for edit()."""
     from .edit import edit
 
     def make(s: int) -> Callable[[], torch.Tensor]:
-        return lambda: edit(ddpm, source, mask, guide, skip_timesteps=s, seed=seed, ddim=ddim, callback=callback)
+        return lambda: edit(ddpm, source, mask, guide, skip_timesteps=s, seed=seed, ddim=ddim, context=context,
+                            callback=callback)
     return [Run(BLENDED, "skip_timesteps", int(s), make(int(s))) for s in skips]
 
 

@@ -1,7 +1,10 @@
 """Full-resolution editing: crop a square around the mask, work at the model size, paste back.
-Images here are [B, C, H, W]; pixels outside the mask are never resampled."""
+The square is the mask's box plus a context margin, resized to the model size both ways (a small
+mask is enlarged, as crop-and-stitch inpainting does). Images here are [B, C, H, W]; pixels outside
+the mask are never resampled."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,16 +18,24 @@ class Box:
     side: int  # may reach outside the image: that part is replicate-padded context
 
 
-def plan_box(mask: torch.Tensor, size: int, context: float = 0.25) -> Box:
+MAX_ZOOM = 4  # a crop is enlarged at most 4x: never smaller than size / 4 source pixels (64 for a 256 model)
+
+
+def plan_box(mask: torch.Tensor, size: int, context: float = 0.25, max_zoom: float = MAX_ZOOM) -> Box:
     """Square around the mask's bounding box (mask [H, W]), grown by ``context`` of its side on each
-    side, at least ``size`` pixels when the image allows, and at most the image's longer side."""
+    side. A small mask's square is enlarged to the model's ``size``, so the mask gets the model's
+    resolution, at most ``max_zoom`` times (the square is at least size / max_zoom pixels when the
+    image allows; max_zoom 1 = never smaller than the model), and at most the image's longer side."""
+    if not 0 <= context < float("inf"):
+        raise ValueError(f"context = {context}: it must be a finite number >= 0 (the margin around the mask "
+                         "as a fraction of its box on each side; 0.25 by default)")
     h, w = mask.shape
     ys, xs = torch.nonzero(mask > 0, as_tuple=True)
     if len(ys) == 0:
         ys, xs = torch.tensor([0, h - 1]), torch.tensor([0, w - 1])
     y0, y1, x0, x1 = ys.min().item(), ys.max().item() + 1, xs.min().item(), xs.max().item() + 1
     side = int(max(y1 - y0, x1 - x0) * (1 + 2 * context))
-    side = max(side, min(size, max(h, w)))
+    side = max(side, min(math.ceil(size / max_zoom), max(h, w)))
     side = min(side, max(h, w))
     cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
     top = min(max(cy - side // 2, 0), max(h - side, 0)) if side <= h else (h - side) // 2

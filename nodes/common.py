@@ -10,10 +10,17 @@ from dataclasses import dataclass
 import torch
 
 from ..models import DDPM, Guide
+from ..models.region import MAX_ZOOM
 
 log = logging.getLogger(__name__)
 CATEGORY = "Blended Diffusion"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+CONTEXT_TIP = (  # the context input of the nodes that crop around the mask (models/region.py)
+    "Margin around the mask's bounding box, as a fraction of the box on each side: the square the model works "
+    f"on. The square is resized to the model size, so a small mask gets the model's resolution (enlarged at most "
+    f"{MAX_ZOOM}x: at least {256 // MAX_ZOOM} source pixels for a 256 model). More context: the edit sees more of "
+    "its surroundings, at a lower resolution.")
 
 # custom socket types (never MODEL/CLIP: these objects are not ComfyUI's)
 DDPM_T, CLIP_T, NOISE_T, STEP_T, BLEND_T, AUGMENT_T = (

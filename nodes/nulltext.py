@@ -36,7 +36,7 @@ from ..models import p2p
 from ..models.ddpm import thaw
 from ..models.fidelity import measure  # noqa: F401  (re-exported: what FidelityCurve measures with)
 from . import host
-from .common import CATEGORY, CLIP_T, DDPM_T, MAX_SEED, bchw_to_image, image_to_bchw, mask_to_bhw
+from .common import CATEGORY, CLIP_T, CONTEXT_TIP, DDPM_T, MAX_SEED, bchw_to_image, image_to_bchw, mask_to_bhw
 
 log = logging.getLogger(__name__)
 
@@ -703,6 +703,8 @@ class FidelityCurve:
                 "source)."}),
             "num_views": ("INT", {"default": 8, "min": 1, "max": 64, "tooltip":
                 "Blended Diffusion sweep: augmented views per CLIP evaluation."}),
+            "context": ("FLOAT", {"default": 0.25, "min": 0.0, "max": 4.0, "step": 0.05, "tooltip":
+                "Blended Diffusion sweep: " + CONTEXT_TIP}),
         }}
 
     RETURN_TYPES = ("IMAGE", "STRING", "IMAGE")
@@ -719,7 +721,7 @@ class FidelityCurve:
 
     def sweep(self, model, clip, vae, inversion, guidance_clip, target_prompt="", t0_values="0.2, 0.4, 0.6, 0.8, 1.0",
               plain_sdedit=True, seed=0, guidance=7.5, filename_prefix="nulltext/fidelity", ddpm=None, mask=None,
-              skip_timesteps="20, 40, 60, 80", num_views=8):
+              skip_timesteps="20, 40, 60, 80", num_views=8, context=0.25):
         inv = inversion
         prompt = target_prompt.strip()
         if not prompt:
@@ -739,7 +741,7 @@ class FidelityCurve:
         if skips:
             from ..models import AugmentSettings, Guide
             guide = Guide(clip=guidance_clip, prompt=prompt, augment=AugmentSettings(num_views=num_views))
-            runs += fid.blended_runs(ddpm, guide, source, m, skips, seed=seed,
+            runs += fid.blended_runs(ddpm, guide, source, m, skips, seed=seed, context=context,
                                      callback=lambda *a: host.check_interrupt())
         bar = host.progress(len(runs), "fidelity curve")
         rows, images = [], []

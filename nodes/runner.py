@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..models import imageio
 from . import NODE_CLASS_MAPPINGS
 from .host import EXAMPLES_DIR
 
@@ -31,25 +32,21 @@ log = logging.getLogger(__name__)
 
 # --- stand-ins for core nodes (standalone runner only) -----------------------------------------------
 class StandaloneLoadImage:
-    """core LoadImage: IMAGE [1,H,W,3] and MASK = 1 − alpha (zeros 64x64 without alpha)."""
+    """core LoadImage: IMAGE [1,H,W,3] and MASK = 1 − alpha (zeros 64x64 without alpha). The file is read
+    by models/imageio.py: gray modes at their real depth (core clips 16-bit gray to white) and the first
+    frame only, with a warning (core makes a batch of an animation's frames)."""
     RETURN_TYPES = ("IMAGE", "MASK")
     FUNCTION = "load_image"
     input_dir: Path = EXAMPLES_DIR
 
     def load_image(self, image, upload=None):
-        from PIL import Image, ImageOps
         name = image.rsplit(" [", 1)[0] if image.endswith("]") else image  # "x.png [input]"
         path = Path(self.input_dir) / name
         if not path.is_file():
             raise FileNotFoundError(f"LoadImage: {name!r} is not in {self.input_dir}")
-        im = ImageOps.exif_transpose(Image.open(path))
-        rgb = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)[None]
-        if "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info):
-            alpha = np.asarray(im.convert("RGBA").getchannel("A"), dtype=np.float32) / 255.0
-            mask = 1.0 - torch.from_numpy(alpha)
-        else:
-            mask = torch.zeros(64, 64)
-        return rgb, mask[None]
+        rgb, alpha = imageio.load_image(path)  # any mode at its real depth (core clips 16-bit gray)
+        mask = torch.zeros(64, 64) if alpha is None else 1.0 - alpha
+        return rgb.permute(0, 2, 3, 1), mask[None]
 
 
 class StandaloneSaveImage:

@@ -13,12 +13,11 @@ from ..models.edit import check_inputs
 from ..models.nulltext import pixel_x_start
 from ..models.region import crop, plan_box
 from . import host
-from .common import (AUGMENT_T, BLEND_T, CATEGORY, CLIP_T, DDPM_T, MAX_SEED, NOISE_T, STEP_T, BlendRule,
-                     GuidedStep, NoiseState, bchw_to_image, check_ranges, checked_image, image_to_bchw,
-                     mask_to_bhw, same_device)
+from .common import (AUGMENT_T, BLEND_T, CATEGORY, CLIP_T, CONTEXT_TIP, DDPM_T, MAX_SEED, NOISE_T, STEP_T,
+                     BlendRule, GuidedStep, NoiseState, bchw_to_image, check_ranges, checked_image,
+                     image_to_bchw, mask_to_bhw, same_device)
 
 log = logging.getLogger(__name__)
-CONTEXT = 0.25  # context around the mask's box, as edit() uses by default
 
 
 def skip_for(num_steps: int, skip_timesteps: int, strength: float) -> int:
@@ -259,6 +258,7 @@ class BlendedDiffusionSampler:
             "mask": ("MASK", {"tooltip":
                 "Without a blend: the region the CLIP loss looks at and the result replaces (Algorithm "
                 "1); whole image if unconnected. Ignored when a blend is connected."}),
+            "context": ("FLOAT", {"default": 0.25, "min": 0.0, "max": 4.0, "step": 0.05, "tooltip": CONTEXT_TIP}),
         }}
 
     RETURN_TYPES = ("IMAGE",)
@@ -268,8 +268,10 @@ class BlendedDiffusionSampler:
     CATEGORY = f"{CATEGORY}/sampling"
     DESCRIPTION = "Runs the blended loop (Blended Diffusion) and returns the edited images."
 
-    def sample(self, noise, step, seed=404, batch_size=4, sampler="DDPM", class_label=-1, blend=None, mask=None):
-        check_ranges(BlendedDiffusionSampler, seed=seed, batch_size=batch_size, class_label=class_label)
+    def sample(self, noise, step, seed=404, batch_size=4, sampler="DDPM", class_label=-1, blend=None, mask=None,
+               context=0.25):
+        check_ranges(BlendedDiffusionSampler, seed=seed, batch_size=batch_size, class_label=class_label,
+                     context=context)
         ddpm, guide = step.ddpm, step.guide
         if noise.num_steps != ddpm.num_steps:
             raise ValueError(f"NoiseImage was made for {noise.num_steps} steps but CLIPGuidedStep's DDPM has "
@@ -300,7 +302,7 @@ class BlendedDiffusionSampler:
         kw = dict(skip_timesteps=noise.skip_timesteps, seed=seed, batch_size=batch_size,
                   ddim=sampler == "DDIM", blend=blend is not None,
                   enforce_background=blend.enforce_background if blend is not None else False,
-                  class_label=None if class_label < 0 else class_label, context=CONTEXT, callback=callback)
+                  class_label=None if class_label < 0 else class_label, context=context, callback=callback)
         try:
             if noise.noise is None and not noise.invert:
                 out = edit(ddpm, image, m, guide, **kw)
@@ -310,10 +312,10 @@ class BlendedDiffusionSampler:
                     mb = m[min(b, m.shape[0] - 1)]
                     if noise.invert:
                         x_start = pixel_x_start(ddpm, image[b:b + 1], mb[None], noise.skip_timesteps,
-                                                batch_size=batch_size, context=CONTEXT,
+                                                batch_size=batch_size, context=context,
                                                 class_label=kw["class_label"])
                     else:
-                        box = plan_box(mb, ddpm.image_size, CONTEXT)
+                        box = plan_box(mb, ddpm.image_size, context)
                         src = crop(image[b:b + 1], box, ddpm.image_size) * 2 - 1
                         with torch.inference_mode(False):
                             x_start = ddpm.q_sample(src.to(ddpm.device), k - 1, noise.noise.to(ddpm.device))

@@ -230,6 +230,35 @@ def test_edit_alg1_ddim_flags_and_assets(tmp_path, small_unet, ckpt_dir, photo):
     assert np.array_equal(exported, ~m)  # --invert_mask: the edit is outside the drawn mask
 
 
+def test_context_flag_sets_the_working_square(tmp_path, small_unet, photo, capsys):
+    """--context (issue 11, point 9): Algorithm 1 regenerates the whole working square, the mask's box grown
+    by context on each side (both ways here: 40 px at 0, 80 px at 0.5); a negative or infinite --context is
+    refused before any model loads, by edit and by fidelity."""
+    from blended_diffusion.models.region import plan_box
+    img, mask = photo
+    src = np.asarray(Image.open(img)).astype(int)
+    m = torch.from_numpy((np.asarray(Image.open(mask)) > 0).astype(np.float32))
+    for context in ("0", "0.5"):
+        out = tmp_path / context
+        rc, cap = run_cli(["edit", "-p", "", "-i", img, "--mask", mask, "--local_clip_guided_diffusion",
+                           "--context", context, "--model", small_unet, *FAST, "--batch_size", "1",
+                           "--iterations_num", "1", "--output_path", out, "--device", "cpu", "--precision", "fp32"],
+                          capsys)
+        assert rc == 0, cap.err
+        ys, xs = np.nonzero((np.asarray(Image.open(out / "output_i_0_b_0.png")).astype(int) != src).any(-1))
+        box = plan_box(m, 64, float(context))
+        assert box.side == {"0": 40, "0.5": 80}[context]
+        assert (ys.min(), ys.max() + 1) == (max(box.top, 0), min(box.top + box.side, 72)), context
+        assert (xs.min(), xs.max() + 1) == (max(box.left, 0), min(box.left + box.side, 96)), context
+        assert json.loads((out / "output.json").read_text())["parameters"]["context"] == float(context)
+    for cmd in ("edit", "fidelity"):
+        for bad in ("-1", "inf"):
+            rc, cap = run_cli([cmd, "-p", "x", "-i", img, "--mask", mask, "--context", bad, "--offline",
+                               "--output_path", tmp_path / "never"], capsys)
+            assert rc == 1 and f"--context = {float(bad)}: it must be a finite number >= 0" in cap.err, cap.err
+    assert not (tmp_path / "never").exists()
+
+
 def test_cpu_runs_keep_freed_memory(tmp_path, small_unet, ckpt_dir, photo, monkeypatch):
     """On the CPU the CLI keeps freed memory in the process (models/memory.py; about 20% faster steps,
     tests/benchmark.py --keep-freed-memory); BLENDED_DIFFUSION_KEEP_FREED_MEMORY=0 leaves glibc's defaults."""

@@ -1,5 +1,7 @@
 """Properties of the engine (models/): loaders, equality with guided-diffusion, background
 exactness, determinism, batch invariance, guidance, ranking, extrapolation."""
+import importlib
+
 import open_clip
 import pytest
 import torch
@@ -136,6 +138,65 @@ def test_background_exact_at_full_resolution(ddpm, clip, image_and_mask):
     outside = (mask == 0).expand(2, 3, -1, -1)
     assert torch.equal(to8(out)[outside], to8(img.expand(2, -1, -1, -1))[outside])
     assert (out - img).abs()[~outside].mean() > 0.01  # the masked region did change
+
+
+def test_tiny_mask_in_a_big_image_gets_the_model_resolution(ddpm, monkeypatch):
+    """Issue 11, point 9: a 6x6 mask in a 1500x1000 photo. The working square is the mask's box plus
+    context, at least 256 / MAX_ZOOM = 64 px, enlarged to the model's 256 px: the model sees the mask
+    about 24 px wide (6 px when the square was never smaller than the model). Outside the mask the
+    result is the input, bit for bit."""
+    edit_module = importlib.import_module("blended_diffusion.models.edit")  # the module, not edit()
+    seen = []
+    real = edit_module.blended_diffusion
+
+    def recording(ddpm_, source, mask, *args, **kwargs):  # the real loop; keeps what the model got
+        seen.append((source.detach().cpu().clone(), mask.detach().cpu().clone()))
+        return real(ddpm_, source, mask, *args, **kwargs)
+    monkeypatch.setattr(edit_module, "blended_diffusion", recording)
+    g = torch.Generator().manual_seed(5)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 1000), torch.linspace(0, 1, 1500), indexing="ij")
+    img = torch.stack([xx, yy, (xx + yy) / 2])[None] * 0.8 + 0.1 * torch.rand(1, 3, 1000, 1500, generator=g)
+    img = (img * 255).round() / 255
+    mask = torch.zeros(1, 1000, 1500)
+    mask[:, 700:706, 1100:1106] = 1
+    out = edit(ddpm, img, mask, Guide(), skip_timesteps=8, seed=3)
+    outside = (mask == 0).expand(1, 3, -1, -1)
+    assert out.shape == img.shape and torch.equal(out[outside], img[outside])
+    assert (out - img).abs()[~outside].max() > 0.01  # the mask was edited
+    (source, m), = seen
+    assert source.shape == (1, 3, 256, 256) and m.shape == (1, 1, 256, 256)
+    ys, xs = torch.nonzero(m[0, 0] > 0.5, as_tuple=True)
+    assert 20 <= int(xs.max() - xs.min()) + 1 <= 28 and 20 <= int(ys.max() - ys.min()) + 1 <= 28
+    assert float(m.mean()) > 0.006  # (6/64)² ≈ 0.9 % of the model's square; 0.05 % before
+
+
+def test_small_masks_fill_more_of_the_model_square():
+    """The table in README (Limits and errors), from tests/small_masks.py: masks of 4, 20 and 100 px in a
+    2000² image. A mask whose box plus context is at least the model size keeps today's square."""
+    import small_masks
+    from blended_diffusion.models.region import plan_box
+    now = {n: small_masks.seen_by_model(n) for n in small_masks.SIZES}
+    before = {n: small_masks.seen_by_model(n, max_zoom=1) for n in small_masks.SIZES}
+    assert [now[n][0] for n in (4, 20, 100)] == [64, 64, 150] and all(before[n][0] == 256 for n in before)
+    assert now[4][2] > 10 * before[4][2] and now[20][2] > 0.09 and abs(now[100][2] - (100 / 150) ** 2) < 0.01
+    assert small_masks.seen_by_model(200) == small_masks.seen_by_model(200, max_zoom=1)  # 300 px ≥ 256
+    m = torch.zeros(2000, 2000)
+    m[900:1000, 900:1000] = 1
+    assert plan_box(m, 256, context=0.5).side == 200 and plan_box(m, 256, context=0).side == 100
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="context = .*finite number >= 0"):
+            plan_box(m, 256, context=bad)
+
+
+def test_fidelity_sweep_uses_the_context(ddpm, image_and_mask):
+    """The fidelity sweep's Blended Diffusion runs (CLI fidelity --context, FidelityCurve's context) crop as
+    edit() does with that context."""
+    from blended_diffusion.models import fidelity as fid
+    img, mask = image_and_mask
+    run, = fid.blended_runs(ddpm, Guide(), img, mask, [8], seed=2, context=1.0)
+    wide = run.make()
+    assert torch.equal(wide, edit(ddpm, img, mask, Guide(), skip_timesteps=8, seed=2, context=1.0))
+    assert not torch.equal(wide, edit(ddpm, img, mask, Guide(), skip_timesteps=8, seed=2))
 
 
 def test_empty_mask_returns_input(ddpm, image_and_mask, caplog):

@@ -239,6 +239,31 @@ def test_empty_prompt_without_clip_algorithm1_ddim_and_fixed_noise(models_dir, t
     assert not torch.equal(free[0][inside & ~painted], src[inside & ~painted])
 
 
+def test_sampler_context_input_sets_the_working_square(models_dir, tmp_path):
+    """The sampler's context input (issue 11, point 9; last input, default 0.25): without a blend
+    (Algorithm 1) the whole working square is regenerated, and that square is the mask's box grown by
+    context on each side; outside it nothing changes. Out-of-range values are refused."""
+    from blended_diffusion.models.region import plan_box
+    painted = _alpha_mask("bd_scene_mask.png")
+    src = torch.from_numpy(np.array(Image.open(EXAMPLES_DIR / "bd_scene_mask.png").convert("RGB"))) / 255
+    sides = []
+    for context in (0.0, 1.0):
+        wf = graph(prompt="", clip=False, blend=False, sampler="DDIM", class_label=3, batch=1)
+        wf["8"]["inputs"]["context"] = context
+        out = runner.run_workflow(wf, output_dir=tmp_path).outputs["8"][0]
+        box = plan_box(painted.float(), 64, context)
+        ys, xs = torch.nonzero((out[0] != src).any(-1), as_tuple=True)
+        assert (ys.min(), ys.max() + 1) == (max(box.top, 0), min(box.top + box.side, 384)), context
+        assert (xs.min(), xs.max() + 1) == (max(box.left, 0), min(box.left + box.side, 512)), context
+        sides.append(box.side)
+    assert sides == [105, 315]  # the painted box is 105 px: 105 · (1 + 2 · context)
+    for bad in (-0.1, 4.5):
+        wf = graph(prompt="", clip=False, blend=False)
+        wf["8"]["inputs"]["context"] = bad
+        with pytest.raises(ValueError, match=f"context = {bad} is outside the allowed range 0.0..4.0"):
+            runner.run_workflow(wf, output_dir=tmp_path)
+
+
 def test_ddim_inversion_start_is_deterministic_and_reconstructs(models_dir, tmp_path):
     """NoiseImage's ddim_inversion: x_k is the DDIM inversion of the source, so unguided, unblended DDIM
     results no longer depend on the seed (a blend would add fresh background noise each step) and stay

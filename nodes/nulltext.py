@@ -35,7 +35,7 @@ from ..models import nulltext as nt
 from ..models import p2p
 from ..models.ddpm import thaw
 from ..models.fidelity import measure  # noqa: F401  (re-exported: what FidelityCurve measures with)
-from . import host
+from .. import host
 from .common import CATEGORY, CLIP_T, DDPM_T, MAX_SEED, bchw_to_image, image_to_bchw, mask_to_bhw
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import NODE_CLASS_MAPPINGS
-from .host import EXAMPLES_DIR
+from ..host import EXAMPLES_DIR
 
 log = logging.getLogger(__name__)
 

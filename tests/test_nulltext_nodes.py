@@ -41,7 +41,8 @@ except ImportError as e:  # a checkout whose requirements this interpreter lacks
 
 import tiny_sd  # noqa: E402  (tests/ is on sys.path)
 from blended_diffusion.models import nulltext as nt  # noqa: E402
-from blended_diffusion.nodes import NODE_CLASS_MAPPINGS, host  # noqa: E402
+from blended_diffusion import host  # noqa: E402
+from blended_diffusion.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 from blended_diffusion.nodes import nulltext as ntn  # noqa: E402
 
 STEPS = 10

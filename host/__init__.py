@@ -1,7 +1,8 @@
-"""The one host adapter: model folders, device, memory, progress with previews and interrupts.
+"""The one host adapter, the only code that imports ComfyUI: model folders, device, memory, progress with
+previews and interrupts here; the Stable Diffusion glue (ComfyUI's MODEL / CLIP / VAE) in ``host/sd.py``.
 
 Inside ComfyUI (``folder_paths`` and ``comfy.model_management`` import) it uses the host's services;
-standalone (tests, the command line, ``runner.py``) it gives the same services without the host:
+standalone (tests, the command line, ``nodes/runner.py``) it gives the same services without the host:
 models in the ``ddpm/`` and ``clip_guidance/`` folders of ``models.weights.search_dirs``
 (``$BLENDED_DIFFUSION_MODELS``, ComfyUI's models folder when the pack sits in ``custom_nodes``,
 ``~/.cache/blended_diffusion``), CUDA if available, a tqdm bar, and an interrupt flag set by

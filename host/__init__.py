@@ -1,7 +1,7 @@
 """The one host adapter, the only code that imports ComfyUI: model folders, device, memory, progress with
 previews and interrupts here; the Stable Diffusion glue (ComfyUI's MODEL / CLIP / VAE) in ``host/sd.py``.
 
-Inside ComfyUI (``folder_paths`` and ``comfy.model_management`` import) it uses the host's services;
+Inside ComfyUI (``folder_paths`` and ``comfy.model_management`` loaded) it uses the host's services;
 standalone (tests, the command line, ``nodes/runner.py``) it gives the same services without the host:
 models in the ``ddpm/`` and ``clip_guidance/`` folders of ``models.weights.search_dirs``
 (``$BLENDED_DIFFUSION_MODELS``, ComfyUI's models folder when the pack sits in ``custom_nodes``,
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -26,15 +27,17 @@ log = logging.getLogger(__name__)
 EXTENSIONS = {".pt", ".pth", ".bin", ".safetensors"}
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "example_images"
 
-try:  # ComfyUI
+# ComfyUI's services once ComfyUI has loaded (its main.py imports both before any custom node). The host never
+# starts ComfyUI itself: a process that could merely import it (the command line, which may load it later as a
+# checkpoint loader) keeps the standalone services, and never runs ComfyUI's device set-up by importing the pack.
+IN_COMFYUI = "folder_paths" in sys.modules and "comfy.model_management" in sys.modules
+if IN_COMFYUI:
     import comfy.model_management as _mm
     import comfy.utils as _cu
     import folder_paths as _fp
-    IN_COMFYUI = True
     Interrupted = _mm.InterruptProcessingException
-except ImportError:
+else:
     _mm = _cu = _fp = None
-    IN_COMFYUI = False
 
     class Interrupted(Exception):
         """The run was cancelled (``request_interrupt()``); loaded models stay usable."""

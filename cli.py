@@ -3,7 +3,7 @@
 
 ``edit`` takes the official code's flags with their defaults (omriav/blended-diffusion main.py), so an
 old command line can be pasted after ``edit`` (or with no subcommand at all). Only ``fidelity --sd-checkpoint``
-imports ComfyUI (it loads Stable Diffusion checkpoints through ``comfy.sd``); everything else runs without it.
+imports ComfyUI (host/sd.py loads Stable Diffusion checkpoints through ``comfy.sd``); everything else runs without it.
 """
 from __future__ import annotations
 
@@ -813,50 +813,6 @@ COMFYUI_FIX = ("--sd-checkpoint loads the Stable Diffusion checkpoint with Comfy
                "requirements (pip install -r DIR/requirements.txt)")
 
 
-def import_comfyui(path: str | None, device) -> None:
-    """Make ComfyUI importable: ``path`` (or $COMFYUI_PATH) is added to sys.path, and without a CUDA device
-    ComfyUI runs on the CPU (its --cpu, set before comfy.model_management is imported). Never installs it."""
-    import os
-
-    import torch
-    path = path or os.environ.get("COMFYUI_PATH") or None
-    where = ""
-    if path:
-        root = Path(path).expanduser().resolve()
-        if not (root / "comfy" / "sd.py").is_file():
-            raise CLIError(f"--comfyui {path}: not a ComfyUI installation (it has no comfy/sd.py). {COMFYUI_FIX}")
-        if str(root) not in sys.path:
-            sys.path.append(str(root))
-        where = f" at {root}"
-    try:
-        from comfy.cli_args import args as comfy_args
-        if "comfy.model_management" not in sys.modules and (device.type == "cpu" or not torch.cuda.is_available()):
-            comfy_args.cpu = True
-        import comfy.model_management  # noqa: F401
-        import comfy.sd  # noqa: F401
-    except ImportError as e:
-        if not path:
-            raise CLIError(f"ComfyUI is not importable here ({e}). {COMFYUI_FIX}") from None
-        raise CLIError(f"ComfyUI{where} does not import with this Python ({e}). {COMFYUI_FIX}") from None
-
-
-def load_sd_checkpoint(path: Path):
-    """(MODEL, CLIP, VAE) of a Stable Diffusion checkpoint, loaded as ComfyUI's Load Checkpoint does."""
-    import comfy.sd
-    try:
-        out = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True,
-                                                    embedding_directory=None)
-    except Exception as e:  # ComfyUI raises RuntimeError and others for files it cannot read
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CLIError(f"--sd-checkpoint {path}: ComfyUI could not load it ({first}); give a Stable Diffusion "
-                       "1.x/2.x checkpoint") from None
-    model, clip, vae = out[:3]
-    if model is None or clip is None or vae is None or getattr(vae, "first_stage_model", True) is None:  # no VAE keys
-        raise CLIError(f"--sd-checkpoint {path}: the file lacks the UNet, text encoder or VAE: give a full "
-                       "Stable Diffusion 1.x/2.x checkpoint")
-    return model, clip, vae
-
-
 def center_crop(x, ratio: int):
     """[B, C, H, W] → sides cropped to multiples of ``ratio`` around the centre (as ComfyUI's VAE encode)."""
     h, w = x.shape[-2:]
@@ -874,8 +830,12 @@ def sdedit_sweep(args, ckpt: Path, inv_file: Path | None, image, mask, prompt: s
     """The SDEdit half of ``fidelity``: load the checkpoint with ComfyUI, invert -i (or load --inversion), and
     list the runs. Returns (runs, the inversion's source [1, 3, H, W], the mask at its size)."""
     from .nodes import nulltext as ntn
+    from .host import sd as host_sd
     log.info("loading %s with ComfyUI", ckpt)
-    model, sd_clip, vae = load_sd_checkpoint(ckpt)
+    try:
+        model, sd_clip, vae = host_sd.load_checkpoint(ckpt)
+    except ValueError as e:
+        raise CLIError(f"--sd-checkpoint {e}") from None
     if inv_file is not None:
         inv = ntn.Inversion.from_file(inv_file)
         guidance = inv.guidance if args.guidance is None else args.guidance
@@ -973,8 +933,14 @@ def cmd_fidelity(args) -> int:
     out_dir = Path(args.output_path)
 
     device = resolve_device(args.device, args.gpu_id)
-    if sd_mode:
-        import_comfyui(args.comfyui, device)  # before any model is loaded: a missing ComfyUI fails fast
+    if sd_mode:  # before any model is loaded: a missing ComfyUI fails fast
+        from .host import sd as host_sd
+        try:
+            host_sd.import_comfyui(args.comfyui, device)
+        except ValueError as e:
+            raise CLIError(f"--comfyui {e}. {COMFYUI_FIX}") from None
+        except ImportError as e:
+            raise CLIError(f"{e}. {COMFYUI_FIX}") from None
     image = load_image(args.init_image) if args.init_image is not None and inv_file is None else None
     mask = None
     if args.mask is not None and image is not None:

@@ -1,12 +1,13 @@
-"""The one host adapter, the only code that imports ComfyUI: model folders, device, memory, progress with
-previews and interrupts here; the Stable Diffusion glue (ComfyUI's MODEL / CLIP / VAE) in ``host/sd.py``.
+"""The one host adapter, the only code that imports ComfyUI: model, input and output folders, device, memory,
+progress with previews and interrupts here; the Stable Diffusion glue (ComfyUI's MODEL / CLIP / VAE) in
+``host/sd.py``.
 
 Inside ComfyUI (``folder_paths`` and ``comfy.model_management`` loaded) it uses the host's services;
 standalone (tests, the command line, ``nodes/runner.py``) it gives the same services without the host:
 models in the ``ddpm/`` and ``clip_guidance/`` folders of ``models.weights.search_dirs``
 (``$BLENDED_DIFFUSION_MODELS``, ComfyUI's models folder when the pack sits in ``custom_nodes``,
-``~/.cache/blended_diffusion``), CUDA if available, a tqdm bar, and an interrupt flag set by
-``request_interrupt()``.
+``~/.cache/blended_diffusion``), files written to ``$BLENDED_DIFFUSION_OUTPUT`` or ``./output``, CUDA if
+available, a tqdm bar, and an interrupt flag set by ``request_interrupt()``.
 """
 from __future__ import annotations
 
@@ -86,6 +87,18 @@ def model_path(kind: str, name: str) -> str:
             return str(root / name)
     raise FileNotFoundError(f"{name!r} is not in {' or '.join(map(str, dirs))}: put the file there "
                             "(or point BLENDED_DIFFUSION_MODELS at a folder holding ddpm/ and clip_guidance/)")
+
+
+def output_dir() -> Path:
+    """Where files the nodes write go: ComfyUI's output folder; standalone $BLENDED_DIFFUSION_OUTPUT or ./output."""
+    if IN_COMFYUI:
+        return Path(_fp.get_output_directory())
+    return Path(os.environ.get("BLENDED_DIFFUSION_OUTPUT", "output"))
+
+
+def input_dir() -> Path | None:
+    """ComfyUI's input folder (also searched for files to read); None standalone."""
+    return Path(_fp.get_input_directory()) if IN_COMFYUI else None
 
 
 def torch_device() -> torch.device:

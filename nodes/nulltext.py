@@ -5,16 +5,9 @@ guidance), keep the result (``SaveInversion`` / ``LoadInversion``: one .safetens
 times from it: prompt-to-prompt (``NullTextEdit``), SDEdit (``NullTextSDEdit``), and the supplement's
 fidelity/editability sweep (``FidelityCurve``).
 
-The algorithms are the pure-torch core (models/nulltext.py, models/p2p.py); this module only adapts the
-host's objects to the core's protocol ``eps(x_t, t, context)``:
-- DDIM schedule from the model's own ``model_sampling``: ᾱ = 1 / (σ² + 1);
-- ε from ``BaseModel.apply_model`` (which takes x in σ-space and returns the denoised x̂0):
-  x_in = x·sqrt(1 + σ²), ε = (x_in − x̂0) / σ — right for ε- and v-prediction models;
-- latents in the model's space (``process_latent_in`` after the VAE, ``process_latent_out`` before it);
-- prompt-to-prompt through ``set_model_attn1_replace`` / ``set_model_attn2_replace`` on a clone of the
-  MODEL (the incoming model is never modified);
-- the core's own DDIM loop (not KSampler), CFG batch order [uncond, cond].
-SD1.x / SD2.x models only (4-channel latents, one cross-attention context, a discrete schedule).
+The algorithms are the pure-torch core (models/nulltext.py, models/p2p.py); host/sd.py adapts ComfyUI's
+MODEL / CLIP / VAE to the core's protocol ``eps(x_t, t, context)`` (the core's own DDIM loop, not KSampler;
+CFG batch order [uncond, cond]). SD1.x / SD2.x models only.
 """
 from __future__ import annotations
 
@@ -33,9 +26,9 @@ import torch.nn.functional as F
 from ..models import fidelity as fid
 from ..models import nulltext as nt
 from ..models import p2p
-from ..models.ddpm import thaw
 from ..models.fidelity import measure  # noqa: F401  (re-exported: what FidelityCurve measures with)
 from .. import host
+from ..host.sd import SDModel, encode_text, tokenized
 from .common import CATEGORY, CLIP_T, DDPM_T, MAX_SEED, bchw_to_image, image_to_bchw, mask_to_bhw
 
 log = logging.getLogger(__name__)
@@ -135,115 +128,7 @@ class Inversion:
                    info=json.loads(meta.get("info", "{}")))
 
 
-# --------------------------------------------------------------------------------------------- host glue
-class SDModel:
-    """A ComfyUI MODEL as the core's ``eps(x_t, t, context)``, loaded on its device.
-
-    With a controller (prompt-to-prompt) the MODEL is cloned and every transformer block's self- and
-    cross-attention is replaced by the controller's patch; the incoming MODEL is left as it was."""
-
-    def __init__(self, model, controller=None, grad: bool = False):
-        import comfy.model_management as mm  # the host's loader (this class only runs inside ComfyUI)
-        self.patcher = model.clone() if controller is not None else model
-        if controller is not None:
-            for name, number in p2p.comfy_block_keys():
-                self.patcher.set_model_attn1_replace(p2p.attention_patch(controller, False), name, number)
-                self.patcher.set_model_attn2_replace(p2p.attention_patch(controller, True), name, number)
-        self.base = self.patcher.model
-        check_sd(self.base)
-        mm.load_models_gpu([self.patcher])
-        if grad:  # ComfyUI builds and moves models in inference mode: autograd cannot save those weights
-            thaw(self.base.diffusion_model)
-        self.device = self.patcher.load_device
-        ms = self.patcher.get_model_object("model_sampling")
-        sigmas = getattr(ms, "sigmas", None)
-        if sigmas is None or sigmas.ndim != 1 or sigmas.numel() < 2:
-            raise ValueError("this MODEL has no discrete noise schedule (model_sampling.sigmas): NULL-text "
-                             "inversion needs an SD1.x/SD2.x checkpoint")
-        with torch.inference_mode(False):
-            self.sigmas = sigmas.detach().float().clone().to(self.device)
-            self.alphas_cumprod = (1.0 / (sigmas.detach().double().cpu() ** 2 + 1)).clone()
-
-    def schedule(self, steps: int) -> nt.DDIMSchedule:
-        return nt.DDIMSchedule(steps, alphas_cumprod=self.alphas_cumprod)
-
-    def eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        sigma = self.sigmas[t.to(self.sigmas.device)].to(x.device)
-        s = sigma.view(-1, 1, 1, 1).to(x.dtype)
-        x_in = x * (1 + s * s).sqrt()
-        options = dict(self.patcher.model_options.get("transformer_options", {}))  # the UNet writes into it
-        denoised = self.base.apply_model(x_in, sigma, c_crossattn=context, transformer_options=options)
-        return (x_in - denoised.to(x.dtype)) / s
-
-    def to_model(self, z: torch.Tensor) -> torch.Tensor:
-        return z.to(self.device, torch.float32)
-
-    def decode(self, vae, z: torch.Tensor) -> torch.Tensor:
-        """Model-space latents → IMAGE [B, H, W, 3]."""
-        with torch.no_grad():
-            img = vae.decode(self.base.process_latent_out(z.float()).to(torch.float32))
-        return img.float().cpu().clamp(0, 1)[..., :3]
-
-    def preview(self, z: torch.Tensor) -> torch.Tensor | None:
-        """A cheap RGB view of the last latent of a batch (the edit; [1, 3, 8h, 8w] in [−1, 1]) from the latent
-        format's factors."""
-        fmt = getattr(self.base, "latent_format", None)
-        factors = getattr(fmt, "latent_rgb_factors", None)
-        if factors is None:
-            return None
-        w = torch.tensor(factors, dtype=torch.float32, device=z.device)
-        if w.shape[0] != z.shape[1]:
-            return None
-        rgb = torch.einsum("bchw,cr->brhw", z[-1:].float(), w)
-        bias = getattr(fmt, "latent_rgb_factors_bias", None)
-        if bias is not None:
-            rgb = rgb + torch.tensor(bias, dtype=torch.float32, device=z.device).view(1, -1, 1, 1)
-        return F.interpolate(rgb, scale_factor=8, mode="nearest").clamp(-1, 1)
-
-
-def check_sd(base) -> None:
-    """SD1.x / SD2.x only: a 4-channel latent UNet with one cross-attention context and no extra vector."""
-    unet = getattr(base, "diffusion_model", None)
-    cfg = getattr(getattr(base, "model_config", None), "unet_config", {}) or {}
-    name = type(getattr(base, "model_config", None)).__name__
-    if unet is None or not hasattr(unet, "input_blocks") or cfg.get("in_channels", 4) != 4 or \
-            cfg.get("adm_in_channels") or getattr(base, "adm_channels", 0):
-        raise ValueError(f"NULL-text inversion supports Stable Diffusion 1.x/2.x checkpoints; this MODEL is "
-                         f"{name}: load an SD1.5/SD2.1 checkpoint with Load Checkpoint")
-
-
-def encode_text(clip, text: str) -> torch.Tensor:
-    """A prompt's cross-attention context [1, L, D] (float32, CPU); one 77-token chunk."""
-    tokens = clip.tokenize(text)
-    for key, chunks in tokens.items():
-        if len(chunks) != 1:
-            raise ValueError(f"the prompt {text!r} is longer than one 77-token chunk of the text encoder: "
-                             "shorten it (NULL-text inversion and prompt-to-prompt use a single chunk)")
-    out = clip.encode_from_tokens(tokens)
-    cond = out[0] if isinstance(out, (tuple, list)) else out
-    with torch.inference_mode(False):
-        return cond.detach().float().cpu().clone()
-
-
-def tokenized(clip, text: str) -> p2p.TokenizedPrompt:
-    """The prompt's words and BPE tokens for prompt-to-prompt, checked against the host's own tokenizer
-    (so the token positions the controller edits are the ones the text encoder sees)."""
-    tp = p2p.tokenize(text)
-    tokens = clip.tokenize(text)
-    seq = next(iter(tokens.values()))[0]
-    ids, weights = [], []
-    for item in seq:
-        tok = item[0]
-        ids.append(int(tok) if not torch.is_tensor(tok) or tok.numel() == 1 else -1)
-        weights.append(float(item[1]))
-    end = ids.index(p2p.EOT, 1) if p2p.EOT in ids[1:] else len(ids)
-    flat = [t for w in tp.tokens for t in w]
-    if ids[:1] != [p2p.SOT] or ids[1:end] != flat or any(w != 1.0 for w in weights[:end + 1]):
-        raise ValueError(f"prompt-to-prompt needs plain prompts: {text!r} uses prompt weights, embeddings or "
-                         "text the tokenizers split differently; remove (word:weight) and embedding: syntax")
-    return tp
-
-
+# --------------------------------------------------------------------------------------------- helpers
 def _words(text: str) -> list[str]:
     return [w for w in re.split(r"[,\s]+", text.strip()) if w]
 
@@ -254,22 +139,6 @@ def _callback(bar, offset: int, sd: SDModel | None = None):
         bar.update(offset + done, None if sd is None else sd.preview(z))
         host.check_interrupt()
     return cb
-
-
-def _output_dir() -> Path:
-    try:
-        import folder_paths
-        return Path(folder_paths.get_output_directory())
-    except ImportError:
-        return Path(os.environ.get("BLENDED_DIFFUSION_OUTPUT", "output"))
-
-
-def _input_dir() -> Path | None:
-    try:
-        import folder_paths
-        return Path(folder_paths.get_input_directory())
-    except ImportError:
-        return None
 
 
 def _inversion_path(name: str, *, for_reading: bool) -> Path:
@@ -283,9 +152,9 @@ def _inversion_path(name: str, *, for_reading: bool) -> Path:
         return p
     if ".." in p.parts:
         raise ValueError(f"{name!r}: a relative name may not leave the output folder; give an absolute path")
-    candidates = [_output_dir() / p]
-    if for_reading and _input_dir() is not None:
-        candidates.append(_input_dir() / p)
+    candidates = [host.output_dir() / p]
+    if for_reading and host.input_dir() is not None:
+        candidates.append(host.input_dir() / p)
     if for_reading:
         for c in candidates:
             if c.is_file():
@@ -766,7 +635,7 @@ class FidelityCurve:
         prefix = prefix.strip() or "nulltext/fidelity"
         if Path(prefix).is_absolute() or ".." in Path(prefix).parts:
             raise ValueError(f"filename_prefix {prefix!r} must be relative to the output folder")
-        base = _output_dir() / prefix
+        base = host.output_dir() / prefix
         base.parent.mkdir(parents=True, exist_ok=True)
         n = 1
         def taken(k):

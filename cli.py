@@ -829,17 +829,17 @@ def sdedit_sweep(args, ckpt: Path, inv_file: Path | None, image, mask, prompt: s
                  record: dict):
     """The SDEdit half of ``fidelity``: load the checkpoint with ComfyUI, invert -i (or load --inversion), and
     list the runs. Returns (runs, the inversion's source [1, 3, H, W], the mask at its size)."""
-    from .nodes import nulltext as ntn
     from .host import sd as host_sd
+    from .models import inversion as ni
     log.info("loading %s with ComfyUI", ckpt)
     try:
         model, sd_clip, vae = host_sd.load_checkpoint(ckpt)
     except ValueError as e:
         raise CLIError(f"--sd-checkpoint {e}") from None
     if inv_file is not None:
-        inv = ntn.Inversion.from_file(inv_file)
+        inv = ni.Inversion.from_file(inv_file)
         guidance = inv.guidance if args.guidance is None else args.guidance
-        ntn._guidance_note(inv, guidance)
+        inv.check_guidance(guidance)
         if args.mask is not None:
             mask = checked_mask(args.mask, tuple(inv.source.shape[1:3]), args.invert_mask)
     else:
@@ -850,11 +850,15 @@ def sdedit_sweep(args, ckpt: Path, inv_file: Path | None, image, mask, prompt: s
                      image.shape[-1], image.shape[-2], ratio)
             image = center_crop(image, ratio)
             mask = None if mask is None else center_crop(mask, ratio)
-        res = ntn.NullTextInvert().invert(model, sd_clip, vae, image.movedim(1, -1), args.source_prompt,
-                                          steps=args.steps or 50, guidance=guidance,
-                                          inner_steps=args.inner_steps, global_null=False)
-        inv = res["result"][0]
-        record["inversion_report"] = json.loads(res["result"][2])
+        steps = args.steps or 50
+        sd = host_sd.SDModel(model, grad=args.inner_steps > 0)
+        bar = StepBar(ni.invert_steps(steps, args.inner_steps), "NULL-text inversion")
+        try:
+            inv, _ = host_sd.invert_image(sd, sd_clip, vae, image.movedim(1, -1), args.source_prompt.strip(),
+                                          steps=steps, guidance=guidance, inner_steps=args.inner_steps, callback=bar)
+        finally:
+            bar.close()
+        record["inversion_report"] = inv.report()
         if args.save_inversion:
             inv.to_file(Path(args.save_inversion).expanduser())
             log.info("saved the inversion to %s", args.save_inversion)
@@ -862,10 +866,11 @@ def sdedit_sweep(args, ckpt: Path, inv_file: Path | None, image, mask, prompt: s
     record["resolved"].update({"source_prompt": inv.prompt, "steps": inv.steps, "guidance": guidance,
                                "inversion": str(inv_file.resolve()) if inv_file else None,
                                "source_size": [source.shape[-1], source.shape[-2]]})
-    cond = ntn.encode_text(sd_clip, prompt)
-    sd = ntn.SDModel(model)
-    ntn._check_model(sd, inv)
-    return ntn.sdedit_runs(sd, vae, inv, cond, t0s, guidance, args.seed, args.plain_sdedit), source, mask
+    cond = host_sd.encode_text(sd_clip, prompt)
+    sd = host_sd.SDModel(model)
+    runs = ni.sdedit_runs(sd, inv, cond, t0s, guidance, args.seed, lambda z: sd.decode_pixels(vae, z),
+                          args.plain_sdedit)
+    return runs, source, mask
 
 
 def cmd_fidelity(args) -> int:

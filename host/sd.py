@@ -10,21 +10,29 @@ checkpoint loader for the command line.
   - prompt-to-prompt through ``set_model_attn1_replace`` / ``set_model_attn2_replace`` on a clone of the MODEL
     (the incoming model is never modified).
 - ``encode_text`` / ``tokenized``: a prompt's context and its words, from ComfyUI's CLIP (one 77-token chunk).
+- ``invert_image``: NULL-text inversion of an IMAGE (models/inversion.py's ``invert`` between the text encoder and
+  the VAE), for the NullTextInvert node and ``fidelity --sd-checkpoint``.
 - ``import_comfyui`` / ``load_checkpoint``: the command line's way to ComfyUI (never installs it).
 SD1.x / SD2.x models only (4-channel latents, one cross-attention context, a discrete schedule).
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..models import inversion
 from ..models import nulltext as nt
 from ..models import p2p
 from ..models.ddpm import thaw
+from ..models.inversion import Inversion
+
+log = logging.getLogger(__name__)
 
 
 class SDModel:
@@ -69,11 +77,24 @@ class SDModel:
     def to_model(self, z: torch.Tensor) -> torch.Tensor:
         return z.to(self.device, torch.float32)
 
+    def encode(self, vae, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """IMAGE [1, H, W, C] (or [H, W, C]) → (its latent in the model's space, the IMAGE the VAE saw: sides
+        cropped to a multiple of its downscale)."""
+        with torch.no_grad():
+            pixels = image[..., :3] if image.ndim == 4 else image[None, ..., :3]
+            z = vae.encode(pixels)
+            source = vae.vae_encode_crop_pixels(pixels) if hasattr(vae, "vae_encode_crop_pixels") else pixels
+            return self.base.process_latent_in(z.float()), source
+
     def decode(self, vae, z: torch.Tensor) -> torch.Tensor:
         """Model-space latents → IMAGE [B, H, W, 3]."""
         with torch.no_grad():
             img = vae.decode(self.base.process_latent_out(z.float()).to(torch.float32))
         return img.float().cpu().clamp(0, 1)[..., :3]
+
+    def decode_pixels(self, vae, z: torch.Tensor) -> torch.Tensor:
+        """Model-space latents → [B, 3, H, W] in 0..1 (the engine's image layout)."""
+        return self.decode(vae, z).movedim(-1, 1)
 
     def preview(self, z: torch.Tensor) -> torch.Tensor | None:
         """A cheap RGB view of the last latent of a batch (the edit; [1, 3, 8h, 8w] in [−1, 1]) from the latent
@@ -133,6 +154,26 @@ def tokenized(clip, text: str) -> p2p.TokenizedPrompt:
         raise ValueError(f"prompt-to-prompt needs plain prompts: {text!r} uses prompt weights, embeddings or "
                          "text the tokenizers split differently; remove (word:weight) and embedding: syntax")
     return tp
+
+
+def invert_image(sd: SDModel, clip, vae, image: torch.Tensor, prompt: str, *, steps: int = 50, guidance: float = 7.5,
+                 inner_steps: int = 10, global_null: bool = False, callback=None,
+                 started: float | None = None) -> tuple[Inversion, torch.Tensor]:
+    """NULL-text inversion of one IMAGE captioned ``prompt`` (models/inversion.py's ``invert`` between ComfyUI's
+    text encoder and VAE): (the inversion, its reconstruction as an IMAGE). ``callback(done, total, latent)`` as
+    the engine's (``total`` = ``invert_steps(...)``); ``started``: the ``time.perf_counter()`` the caller's run
+    began at (its total_s; default now). Its info adds the reconstruction's mean absolute pixel error."""
+    started = time.perf_counter() if started is None else started
+    cond, uncond = encode_text(clip, prompt), encode_text(clip, "")
+    z0, source = sd.encode(vae, image)
+    inv, rec = inversion.invert(sd, z0, cond, uncond, prompt=prompt, source=source, steps=steps, guidance=guidance,
+                                inner_steps=inner_steps, global_null=global_null, callback=callback)
+    recon = sd.decode(vae, rec)
+    inv.info["pixel_mae"] = float((recon - inv.source).abs().mean()) if recon.shape == inv.source.shape else None
+    inv.info["total_s"] = round(time.perf_counter() - started, 3)
+    log.info("NULL-text inversion: %d steps, latent MSE %.3g, %.1f s", steps, inv.info["latent_mse"],
+             inv.info["total_s"])
+    return inv, recon
 
 
 # --------------------------------------------------------------------------------------------- the command line

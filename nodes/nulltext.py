@@ -5,39 +5,35 @@ guidance), keep the result (``SaveInversion`` / ``LoadInversion``: one .safetens
 times from it: prompt-to-prompt (``NullTextEdit``), SDEdit (``NullTextSDEdit``), and the supplement's
 fidelity/editability sweep (``FidelityCurve``).
 
-The algorithms are the pure-torch core (models/nulltext.py, models/p2p.py); host/sd.py adapts ComfyUI's
-MODEL / CLIP / VAE to the core's protocol ``eps(x_t, t, context)`` (the core's own DDIM loop, not KSampler;
-CFG batch order [uncond, cond]). SD1.x / SD2.x models only.
+The nodes declare their inputs, call the engine and format its results: the runs and the inversion's file format
+are models/inversion.py (over the pure-torch core, models/nulltext.py and models/p2p.py; the core's own DDIM
+loop, not KSampler, CFG batch order [uncond, cond]); host/sd.py adapts ComfyUI's MODEL / CLIP / VAE to it.
+SD1.x / SD2.x models only.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models import fidelity as fid
-from ..models import nulltext as nt
-from ..models import p2p
-from ..models.fidelity import measure  # noqa: F401  (re-exported: what FidelityCurve measures with)
 from .. import host
-from ..host.sd import SDModel, encode_text, tokenized
+from ..host.sd import SDModel, encode_text, invert_image, tokenized
+from ..models import fidelity as fid
+from ..models import inversion as ni
 from .common import CATEGORY, CLIP_T, DDPM_T, MAX_SEED, bchw_to_image, image_to_bchw, mask_to_bhw
 
 log = logging.getLogger(__name__)
 
 NT_CATEGORY = f"{CATEGORY}/NULL-text"
 INVERSION_T = "BD_INVERSION"
-FORMAT = "blended_diffusion.nulltext_inversion"
-FORMAT_VERSION = "1"
 MODES = ["replace", "refine", "reweight"]
+STARTS = list(ni.SDEDIT_STARTS)
 SD_TOOLTIPS = {
     "model": "The Stable Diffusion 1.x/2.x MODEL (e.g. from Load Checkpoint). Use the model the inversion "
              "was made with.",
@@ -47,96 +43,11 @@ SD_TOOLTIPS = {
 }
 
 
-# --------------------------------------------------------------------------------------------- the type
-@dataclass
-class Inversion:
-    """NullTextInvert's output (the custom type BD_INVERSION).
-
-    latents: the pivot trajectory z*_0 … z*_N ([1, 4, h, w] each, float32, CPU, in the model's latent
-    space); nulls: the N per-step null embeddings (sampling-step order), or one for all steps (global);
-    cond / uncond: the caption's and the empty prompt's contexts [1, L, D]; alphas_cumprod: the training
-    schedule the trajectory was made on; source: the image that was encoded (IMAGE [1, H, W, 3])."""
-    latents: list
-    nulls: list
-    cond: torch.Tensor
-    uncond: torch.Tensor
-    alphas_cumprod: torch.Tensor
-    prompt: str
-    guidance: float
-    source: torch.Tensor
-    is_global: bool = False
-    inner_steps: int = 10
-    losses: list = field(default_factory=list)
-    info: dict = field(default_factory=dict)
-
-    @property
-    def steps(self) -> int:
-        return len(self.latents) - 1
-
-    def schedule(self) -> nt.DDIMSchedule:
-        return nt.DDIMSchedule(self.steps, alphas_cumprod=self.alphas_cumprod)
-
-    def step_nulls(self) -> list:
-        """One null embedding per sampling step (the global one repeated)."""
-        return list(self.nulls) if len(self.nulls) == self.steps else [self.nulls[0]] * self.steps
-
-    # ---- file format: tensors + JSON metadata in one .safetensors
-    def to_file(self, path: Path) -> None:
-        from safetensors.torch import save_file
-        tensors = {"latents": torch.cat(self.latents), "nulls": torch.cat(self.nulls), "cond": self.cond,
-                   "uncond": self.uncond, "alphas_cumprod": self.alphas_cumprod, "source": self.source}
-        with torch.inference_mode(False):
-            tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "prompt": self.prompt, "steps": str(self.steps),
-                "guidance": repr(float(self.guidance)), "global": json.dumps(self.is_global),
-                "inner_steps": str(self.inner_steps), "losses": json.dumps(self.losses),
-                "info": json.dumps(self.info)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata=meta)
-
-    @classmethod
-    def from_file(cls, path: Path) -> "Inversion":
-        from safetensors import safe_open
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                t = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types for damaged files
-            raise ValueError(f"{path} is not a readable .safetensors file ({e}): save it again with "
-                             "Save Inversion") from None
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a NULL-text inversion saved by Save Inversion "
-                             f"(metadata format = {meta.get('format')!r})")
-        if meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has inversion format version {meta.get('version')!r}; this pack reads "
-                             f"version {FORMAT_VERSION}: invert the image again")
-        missing = {"latents", "nulls", "cond", "uncond", "alphas_cumprod", "source"} - set(t)
-        if missing:
-            raise ValueError(f"{path} lacks the tensors {sorted(missing)}: invert the image again")
-        steps = int(meta["steps"])
-        is_global = json.loads(meta["global"])
-        lat, nulls = t["latents"], t["nulls"]
-        if lat.ndim != 4 or lat.shape[0] != steps + 1 or nulls.ndim != 3 or \
-                nulls.shape[0] != (1 if is_global else steps) or nulls.shape[1:] != t["cond"].shape[1:]:
-            raise ValueError(f"{path}: tensor shapes do not fit a {steps}-step inversion "
-                             f"(latents {tuple(lat.shape)}, nulls {tuple(nulls.shape)}): the file is damaged")
-        return cls(latents=list(lat.float().split(1)), nulls=list(nulls.float().split(1)),
-                   cond=t["cond"].float(), uncond=t["uncond"].float(),
-                   alphas_cumprod=t["alphas_cumprod"].double(), prompt=meta.get("prompt", ""),
-                   guidance=float(meta["guidance"]), source=t["source"].float(), is_global=is_global,
-                   inner_steps=int(meta.get("inner_steps", 10)), losses=json.loads(meta.get("losses", "[]")),
-                   info=json.loads(meta.get("info", "{}")))
-
-
 # --------------------------------------------------------------------------------------------- helpers
-def _words(text: str) -> list[str]:
-    return [w for w in re.split(r"[,\s]+", text.strip()) if w]
-
-
-def _callback(bar, offset: int, sd: SDModel | None = None):
-    """Core callback → progress (cumulative over stages) with a latent preview, and Cancel."""
-    def cb(done, _n, z):
-        bar.update(offset + done, None if sd is None else sd.preview(z))
+def _progress(bar, sd: SDModel):
+    """The engine's step callback → the node's progress bar with a latent preview, and Cancel."""
+    def cb(done, _total, z):
+        bar.update(done, sd.preview(z))
         host.check_interrupt()
     return cb
 
@@ -163,18 +74,6 @@ def _inversion_path(name: str, *, for_reading: bool) -> Path:
                                 "with Save Inversion first, or give the file's absolute path")
     return candidates[0]
 
-
-def _check_model(sd: SDModel, inv: Inversion) -> None:
-    ac = sd.alphas_cumprod
-    if ac.shape != inv.alphas_cumprod.shape or not torch.allclose(ac, inv.alphas_cumprod, rtol=1e-4, atol=1e-6):
-        raise ValueError("this MODEL's noise schedule differs from the one the inversion was made with: edit "
-                         "with the checkpoint you inverted with")
-
-
-def _guidance_note(inv: Inversion, guidance: float) -> None:
-    if abs(guidance - inv.guidance) > 1e-6:
-        log.warning("guidance %.2f differs from the inversion's %.2f: the null embeddings were optimised for "
-                    "%.2f, so the unedited parts will drift", guidance, inv.guidance, inv.guidance)
 
 
 # --------------------------------------------------------------------------------------------- nodes
@@ -219,59 +118,16 @@ class NullTextInvert:
         if image.ndim == 4 and image.shape[0] != 1:
             raise ValueError(f"NULL-text Invert inverts one image at a time, got a batch of {image.shape[0]}: "
                              "pick one (e.g. with Image From Batch)")
-        t_start = time.perf_counter()
+        started = time.perf_counter()
         sd = SDModel(model, grad=inner_steps > 0)
-        sched = sd.schedule(steps)
-        cond, uncond = encode_text(clip, prompt.strip()), encode_text(clip, "")
-        with torch.no_grad():
-            pixels = image[..., :3] if image.ndim == 4 else image[None, ..., :3]
-            z0 = vae.encode(pixels)
-            source = vae.vae_encode_crop_pixels(pixels) if hasattr(vae, "vae_encode_crop_pixels") else pixels
-            z0 = sd.base.process_latent_in(z0.float())
-        with torch.inference_mode(False):
-            z0 = z0.detach().float().clone().to(sd.device)
-            c, u = cond.to(sd.device), uncond.to(sd.device)
-        opt_total = (inner_steps * steps if global_null else steps) if inner_steps > 0 else 0
-        total = steps + opt_total + steps
-        bar = host.progress(total, "NULL-text inversion")
-        times, losses = {}, []
+        bar = host.progress(ni.invert_steps(steps, inner_steps, global_null), "NULL-text inversion")
         try:
-            t = time.perf_counter()
-            latents = nt.ddim_invert(sd.eps, sched, z0, c, callback=_callback(bar, 0, sd))
-            times["ddim_inversion_s"] = time.perf_counter() - t
-            t = time.perf_counter()
-            if inner_steps == 0:
-                nulls = [u]
-                global_null = True
-            elif global_null:
-                nulls = [nt.null_text_optimize_global(sd.eps, sched, latents, c, u, guidance, epochs=inner_steps,
-                                                      callback=_callback(bar, steps, sd))]
-            else:
-                nulls = nt.null_text_optimize(sd.eps, sched, latents, c, u, guidance, inner_steps,
-                                              callback=_callback(bar, steps, sd), losses=losses)
-            times["null_text_s"] = time.perf_counter() - t
-            t = time.perf_counter()
-            step_nulls = nulls if len(nulls) == steps else nulls * steps
-            rec = nt.ddim_sample_cfg(sd.eps, sched, latents[-1], c, step_nulls, guidance,
-                                     callback=_callback(bar, steps + opt_total, sd))
-            times["reconstruction_s"] = time.perf_counter() - t
+            inv, recon = invert_image(sd, clip, vae, image, prompt.strip(), steps=steps, guidance=guidance,
+                                      inner_steps=inner_steps, global_null=global_null, callback=_progress(bar, sd),
+                                      started=started)
         finally:
             bar.close()
-        recon = sd.decode(vae, rec)
-        with torch.inference_mode(False):
-            inv = Inversion(latents=[z.detach().float().cpu().clone() for z in latents],
-                            nulls=[n.detach().float().cpu().clone() for n in nulls], cond=cond, uncond=uncond,
-                            alphas_cumprod=sd.alphas_cumprod.clone(), prompt=prompt.strip(), guidance=float(guidance),
-                            source=source.detach().float().cpu().clone(), is_global=bool(global_null),
-                            inner_steps=int(inner_steps), losses=[float(x) for x in losses])
-        latent_mse = float(F.mse_loss(rec.float().cpu(), latents[0].float().cpu()))
-        pixel_mae = float((recon - inv.source).abs().mean()) if recon.shape == inv.source.shape else None
-        times["total_s"] = time.perf_counter() - t_start
-        inv.info = {"latent_mse": latent_mse, "pixel_mae": pixel_mae,
-                    **{k: round(v, 3) for k, v in times.items()}}
-        report = json.dumps({"prompt": inv.prompt, "steps": steps, "guidance": guidance, "global_null": inv.is_global,
-                             "inner_steps": inner_steps, "final_losses": inv.losses, **inv.info}, indent=1)
-        log.info("NULL-text inversion: %d steps, latent MSE %.3g, %.1f s", steps, latent_mse, times["total_s"])
+        report = json.dumps(inv.report(), indent=1)
         return {"ui": {"text": [report]}, "result": (inv, recon, report)}
 
 
@@ -325,7 +181,7 @@ class LoadInversion:
             return float("nan")
 
     def load(self, filename="nulltext/inversion"):
-        inv = Inversion.from_file(_inversion_path(filename, for_reading=True))
+        inv = ni.Inversion.from_file(_inversion_path(filename, for_reading=True))
         return (inv, inv.source.clone(), inv.prompt)
 
 
@@ -386,96 +242,20 @@ class NullTextEdit:
             target = inv.prompt
         if not target:
             raise ValueError("NULL-text Edit: give a target prompt (the caption with the change)")
-        _guidance_note(inv, guidance)
+        inv.check_guidance(guidance)
         src_tp, edit_tp = tokenized(clip, inv.prompt), tokenized(clip, target)
-        weights = {w: float(reweight_factor) for w in _words(reweight_words)} if reweight_factor != 1.0 else {}
-        for w in weights:
-            edit_tp.positions(w)  # names the missing word
-        blend = None
-        words = _words(blend_words or "")
-        if words:
-            src_w = [w for w in words if _has(src_tp, w)]
-            edit_w = [w for w in words if _has(edit_tp, w)]
-            if not src_w and not edit_w:
-                raise ValueError(f"blend_words {words} are in neither prompt: name words of the caption "
-                                 f"({inv.prompt!r}) or of the target ({target!r})")
-            blend = (src_w, edit_w)
-        cross = cross_replace_steps
-        windows = word_windows(word_replace_steps)
-        if windows:
-            cross = {"default_": cross_replace_steps, **windows}
-        h, w = inv.latents[0].shape[-2:]
-        controller = p2p.prompt_to_prompt(src_tp, [edit_tp], mode, reweight=weights or None,
-                                          cross_replace_steps=cross,
-                                          self_replace_steps=self_replace_steps, self_max_tokens=h * w // 16,
-                                          blend_words=blend, max_len=inv.cond.shape[1])
-        if controller.local_blend is not None:
-            controller.local_blend.max_tokens = h * w // 16
+        weights = {w: float(reweight_factor) for w in ni.split_words(reweight_words)} if reweight_factor != 1.0 else {}
+        ctrl = ni.controller(inv, src_tp, edit_tp, mode, cross_replace_steps=cross_replace_steps,
+                             self_replace_steps=self_replace_steps, reweight=weights,
+                             blend_words=ni.split_words(blend_words), windows=ni.word_windows(word_replace_steps))
         cond_edit = encode_text(clip, target)
-        sd = SDModel(model, controller)
-        _check_model(sd, inv)
-        steps = inv.steps
-        bar = host.progress(steps, "prompt-to-prompt")
+        sd = SDModel(model, ctrl)
+        bar = host.progress(inv.steps, "prompt-to-prompt")
         try:
-            with torch.inference_mode(False):
-                cond = torch.cat([inv.cond, cond_edit]).to(sd.device)
-                z = inv.latents[-1].to(sd.device).expand(2, -1, -1, -1).clone()
-                nulls = [n.to(sd.device) for n in inv.step_nulls()]
-            out = nt.ddim_sample_cfg(sd.eps, inv.schedule(), z, cond, nulls, guidance, controller=controller,
-                                     callback=_callback(bar, 0, sd))
+            out = ni.edit(sd, inv, cond_edit, ctrl, guidance, callback=_progress(bar, sd))
         finally:
             bar.close()
         return (sd.decode(vae, out),)
-
-
-def word_windows(text: str) -> dict[str, tuple[float, float]]:
-    """"dog: 0.4, hat: 0.2-0.6" → {"dog": (0, 0.4), "hat": (0.2, 0.6)}."""
-    out = {}
-    for item in filter(None, (t.strip() for t in (text or "").split(","))):
-        word, sep, val = item.rpartition(":")
-        word = word.strip()
-        try:
-            lo, _, hi = val.strip().partition("-")
-            win = (float(lo), float(hi)) if hi else (0.0, float(lo))
-        except ValueError:
-            win = None
-        if not sep or not word or win is None or not 0 <= win[0] <= win[1] <= 1:
-            raise ValueError(f"word_replace_steps item {item!r}: write \"word: fraction\" or \"word: start-end\" "
-                             "with 0 <= start <= end <= 1, items separated by commas (e.g. \"dog: 0.4\")")
-        out[word] = win
-    return out
-
-
-def _has(tp: p2p.TokenizedPrompt, word: str) -> bool:
-    try:
-        tp.positions(word)
-        return True
-    except ValueError:
-        return False
-
-
-STARTS = ["inversion", "random noise"]
-
-
-def sdedit_run(sd: SDModel, inv: Inversion, cond: torch.Tensor, t0: float, guidance: float, start: str,
-               seed: int, bar=None) -> torch.Tensor:
-    """SDEdit from strength t0: from the inverted z*_k with the optimised null embeddings ("inversion"), or
-    from q_sample(z0, k) with fresh noise and the empty prompt's embedding ("random noise", plain SDEdit)."""
-    sched = inv.schedule()
-    start_step = nt.sdedit_start_step(sched, t0)
-    k = sched.steps - start_step
-    cb = None if bar is None else _callback(bar, 0, sd)
-    with torch.inference_mode(False):
-        c = cond.to(sd.device)
-        z0 = inv.latents[0].to(sd.device)
-        if start == "inversion":
-            nulls = [n.to(sd.device) for n in inv.step_nulls()]
-            return nt.sdedit(sd.eps, sched, z0, c, nulls, t0, guidance, start_latent=inv.latents[k].to(sd.device),
-                             callback=cb)
-        if start != "random noise":
-            raise ValueError(f"start {start!r} unknown: use one of {STARTS}")
-        gen = torch.Generator().manual_seed(int(seed))
-        return nt.sdedit(sd.eps, sched, z0, c, inv.uncond.to(sd.device), t0, guidance, generator=gen, callback=cb)
 
 
 class NullTextSDEdit:
@@ -511,29 +291,16 @@ class NullTextSDEdit:
     def sdedit(self, model, clip, vae, inversion, target_prompt="", t0=0.6, start="inversion", seed=0, guidance=7.5):
         target = target_prompt.strip() or inversion.prompt
         if start == "inversion":
-            _guidance_note(inversion, guidance)
+            inversion.check_guidance(guidance)
         cond = encode_text(clip, target)
         sd = SDModel(model)
-        _check_model(sd, inversion)
-        bar = host.progress(inversion.steps - nt.sdedit_start_step(inversion.schedule(), t0), "SDEdit")
+        inversion.check_model(sd)
+        bar = host.progress(ni.sdedit_steps(inversion, t0), "SDEdit")
         try:
-            out = sdedit_run(sd, inversion, cond, t0, guidance, start, seed, bar)
+            out = ni.sdedit_run(sd, inversion, cond, t0, guidance, start, seed, callback=_progress(bar, sd))
         finally:
             bar.close()
         return (sd.decode(vae, out),)
-
-
-# --------------------------------------------------------------------------------------------- evaluation
-def sdedit_runs(sd: SDModel, vae, inv: Inversion, cond: torch.Tensor, t0s: list[float], guidance: float, seed: int,
-                plain: bool = True) -> list[fid.Run]:
-    """The SDEdit points of a fidelity sweep (models/fidelity.py): every t0 after NULL-text inversion, then with
-    ``plain`` every t0 of plain SDEdit; each run decodes its result to [1, 3, H, W] in 0..1."""
-    methods = [("SDEdit after NULL-text inversion", "inversion")] + \
-        ([("plain SDEdit", "random noise")] if plain else [])
-
-    def make(t0: float, start: str):
-        return lambda: image_to_bchw(sd.decode(vae, sdedit_run(sd, inv, cond, t0, guidance, start, seed)))
-    return [fid.Run(name, "t0", t0, make(t0, start)) for name, start in methods for t0 in t0s]
 
 
 class FidelityCurve:
@@ -603,8 +370,7 @@ class FidelityCurve:
         m = None if mask is None else mask_to_bhw(mask)[:1]
         cond = encode_text(clip, prompt)
         sd = SDModel(model)
-        _check_model(sd, inv)
-        runs = sdedit_runs(sd, vae, inv, cond, t0s, guidance, seed, plain_sdedit)
+        runs = ni.sdedit_runs(sd, inv, cond, t0s, guidance, seed, lambda z: sd.decode_pixels(vae, z), plain_sdedit)
         if skips:
             from ..models import AugmentSettings, Guide
             guide = Guide(clip=guidance_clip, prompt=prompt, augment=AugmentSettings(num_views=num_views))
@@ -646,6 +412,7 @@ class FidelityCurve:
         fig.save(png)
         csv_path.write_text(text)
         return png, csv_path
+
 
 
 NODE_CLASS_MAPPINGS = {

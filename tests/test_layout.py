@@ -35,6 +35,16 @@ def imports(path: Path):
             yield node.level, node.module or ""
 
 
+def test_only_the_host_adapter_imports_comfyui():
+    seen = {}
+    for rel in pack_sources():
+        for level, module in imports(ROOT / rel):
+            if level == 0 and module.split(".")[0] in COMFYUI_MODULES:
+                seen.setdefault(rel.parts[0], []).append(f"{rel}: {module}")
+    assert set(seen) == {"host"}, seen
+    assert {m.split(": ")[1].split(".")[0] for m in seen["host"]} >= {"comfy", "folder_paths"}
+
+
 def test_the_engine_imports_nothing_of_the_pack_outside_it():
     for rel in pack_sources():
         if rel.parts[0] == "models":

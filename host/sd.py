@@ -74,9 +74,6 @@ class SDModel:
         denoised = self.base.apply_model(x_in, sigma, c_crossattn=context, transformer_options=options)
         return (x_in - denoised.to(x.dtype)) / s
 
-    def to_model(self, z: torch.Tensor) -> torch.Tensor:
-        return z.to(self.device, torch.float32)
-
     def encode(self, vae, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """IMAGE [1, H, W, C] (or [H, W, C]) → (its latent in the model's space, the IMAGE the VAE saw: sides
         cropped to a multiple of its downscale)."""

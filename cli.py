@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from .render import figure, label, to_pil
+
 log = logging.getLogger("blended_diffusion.cli")
 summary = logging.getLogger("blended_diffusion.cli.summary")  # final lines, to stdout
 
@@ -393,13 +395,6 @@ def checked_mask(path: str, size_hw: tuple[int, int], invert: bool):
         raise CLIError(f"the mask {path} selects no pixel" + (" after --invert_mask" if invert else "")
                        + ": paint the region to edit in white (any non-zero value) on black")
     return mask
-
-
-def to_pil(t):
-    """[3, H, W] 0..1 → PIL RGB."""
-    from PIL import Image
-    arr = (t.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
-    return Image.fromarray(arr)
 
 
 def score_token(score: float | None) -> str:
@@ -978,7 +973,7 @@ def cmd_fidelity(args) -> int:
         from tqdm.auto import tqdm
         rows, images = [], []
         bar = tqdm(total=len(runs), desc="fidelity curve", unit="result", file=sys.stderr, dynamic_ncols=True)
-        bar.set_postfix_str(f"{runs[0].method} {fid.label(runs[0].parameter, runs[0].value)}")
+        bar.set_postfix_str(f"{runs[0].method} {label(runs[0].parameter, runs[0].value)}")
         try:
             for row, img in fid.sweep(runs, source, clip, prompt, mask):
                 rows.append(row)
@@ -986,7 +981,7 @@ def cmd_fidelity(args) -> int:
                 bar.update()
                 if len(rows) < len(runs):
                     nxt = runs[len(rows)]
-                    bar.set_postfix_str(f"{nxt.method} {fid.label(nxt.parameter, nxt.value)}")
+                    bar.set_postfix_str(f"{nxt.method} {label(nxt.parameter, nxt.value)}")
         except KeyboardInterrupt:
             record["interrupted"] = True
         finally:
@@ -998,21 +993,21 @@ def cmd_fidelity(args) -> int:
         entry = {"method": row.method, "parameter": row.parameter, "value": row.value, "lpips": row.lpips,
                  "clip_distance": row.clip_distance, "file": None}
         if args.save_images:
-            name = f"{k:02d}_{_slug(row.method)}_{_slug(fid.label(row.parameter, row.value))}.png"
+            name = f"{k:02d}_{_slug(row.method)}_{_slug(label(row.parameter, row.value))}.png"
             (out_dir / "fidelity_images").mkdir(exist_ok=True)
             to_pil(img[0]).save(out_dir / "fidelity_images" / name)
             entry["file"] = f"fidelity_images/{name}"
         record["rows"].append(entry)
     if rows:
         csv_path.write_text(fid.csv_text(rows))
-        fid.figure(rows, prompt).save(png_path)
+        figure(rows, prompt).save(png_path)
     else:  # no curve from an earlier run may pass for this one's
         csv_path.unlink(missing_ok=True)
         png_path.unlink(missing_ok=True)
     record["elapsed_s"] = round(time.time() - t_start, 2)
     write_json(json_path, record)
     for row in rows:
-        summary.info("%-34s %s: LPIPS %.4f, D_CLIP %.4f", row.method, fid.label(row.parameter, row.value),
+        summary.info("%-34s %s: LPIPS %.4f, D_CLIP %.4f", row.method, label(row.parameter, row.value),
                      row.lpips, row.clip_distance)
     if record["interrupted"]:
         log.warning("interrupted: kept the %d finished result(s) of %d", len(rows), len(runs))

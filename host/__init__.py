@@ -22,6 +22,7 @@ import torch
 
 from ..models.weights import FOLDERS as KINDS
 from ..models.weights import search_dirs
+from ..render import to_pil
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +133,6 @@ def check_interrupt() -> None:
         raise Interrupted("cancelled")
 
 
-def to_pil(x: torch.Tensor):
-    """First image of a [B, 3, H, W] batch in [-1, 1] as a PIL image."""
-    from PIL import Image
-    arr = ((x[0].detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr)
-
-
 class Progress:
     """``update(step, preview)``: step count out of ``total`` and an optional x̂0 preview ([B,3,H,W]
     in [-1, 1]); shown on the node in ComfyUI, as a tqdm bar standalone. Passing a different
@@ -162,7 +156,7 @@ class Progress:
         step = min(step, self.total)
         if IN_COMFYUI:
             self._bar.update_absolute(step, self.total,
-                                      None if preview is None else ("JPEG", to_pil(preview), 512))
+                                      None if preview is None else ("JPEG", to_pil((preview[0] + 1) / 2), 512))
         else:
             self._bar.update(step - self.step)
         self.step = step

@@ -26,6 +26,7 @@ from .. import host
 from ..host.sd import SDModel, encode_text, invert_image, tokenized
 from ..models import fidelity as fid
 from ..models import inversion as ni
+from ..render import figure
 from .common import CATEGORY, CLIP_T, DDPM_T, MAX_SEED, bchw_to_image, image_to_bchw, mask_to_bhw
 
 log = logging.getLogger(__name__)
@@ -387,7 +388,7 @@ class FidelityCurve:
         finally:
             bar.close()
         text = fid.csv_text(rows)
-        fig = fid.figure(rows, prompt)
+        fig = figure(rows, prompt)
         png, csv_path = self._write(fig, text, filename_prefix)
         log.info("fidelity curve written to %s and %s", png, csv_path)
         size = images[0].shape[-2:]

@@ -23,8 +23,6 @@ from .render import figure, label, to_pil
 log = logging.getLogger("blended_diffusion.cli")
 summary = logging.getLogger("blended_diffusion.cli.summary")  # final lines, to stdout
 
-PACK_ROOT = Path(__file__).resolve().parent
-EXAMPLES_DIR = PACK_ROOT / "example_images"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 SUBCOMMANDS = ("edit", "extrapolate", "rank", "fidelity", "run", "weights")
 
@@ -308,6 +306,7 @@ def weight_path(explicit: str | None, key: str, offline: bool) -> Path:
 
 def find_example() -> tuple[Path, Path | None, str]:
     """The bundled example: (image, mask, prompt)."""
+    from .models.weights import EXAMPLES_DIR
     for img, mask, prompt in EXAMPLE_CANDIDATES:
         if (EXAMPLES_DIR / img).is_file():
             m = EXAMPLES_DIR / mask if mask and (EXAMPLES_DIR / mask).is_file() else None
@@ -1034,6 +1033,7 @@ def parse_override(text: str) -> tuple[str, str, object]:
 
 
 def find_workflow(name: str) -> Path:
+    from .models.weights import PACK_ROOT
     p = Path(name).expanduser()
     if p.is_file():
         return p
@@ -1095,6 +1095,7 @@ def _env(name: str, value: str | None):
 
 
 def cmd_run(args) -> int:
+    from .models.weights import PACK_ROOT
     api = PACK_ROOT / "workflows" / "api"
     if args.list:
         for q in sorted(api.glob("*.json")):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.weights import EXAMPLES_DIR
 from ..models.weights import FOLDERS as KINDS
 from ..models.weights import search_dirs
 from ..render import to_pil
@@ -27,7 +28,6 @@ from ..render import to_pil
 log = logging.getLogger(__name__)
 
 EXTENSIONS = {".pt", ".pth", ".bin", ".safetensors"}
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "example_images"
 
 # ComfyUI's services once ComfyUI has loaded (its main.py imports both before any custom node). The host never
 # starts ComfyUI itself: a process that could merely import it (the command line, which may load it later as a

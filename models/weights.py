@@ -27,7 +27,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 ENV_MODELS_DIR = "BLENDED_DIFFUSION_MODELS"
-PACK_ROOT = Path(__file__).resolve().parents[1]
+PACK_ROOT = Path(__file__).resolve().parents[1]  # the pack's root folder (computed here only)
+EXAMPLES_DIR = PACK_ROOT / "example_images"      # the bundled example images
 FOLDERS = ("ddpm", "clip_guidance")
 
 

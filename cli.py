@@ -301,7 +301,10 @@ def weight_path(explicit: str | None, key: str, offline: bool) -> Path:
                     "--model expects a guided-diffusion checkpoint such as 256x256_diffusion_uncond.pt")
             raise CLIError(f"{explicit}: file not found ({what})")
         return p
-    return weights.ensure(key, download=not offline)
+    try:
+        return weights.ensure(key, download=not offline)
+    except weights.WeightsError as e:  # the engine's message, and this command line's way round it
+        raise CLIError(f"{e} Or give the file's path: {'--clip' if key == 'clip' else '--model'} PATH.") from None
 
 
 def find_example() -> tuple[Path, Path | None, str]:

@@ -4,6 +4,7 @@
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,34 @@ def test_library_and_cli_help_import_no_node_module(tmp_path):
     # ComfyUI's loader reads the mappings with hasattr/getattr on the pack module: that loads the nodes
     assert out["ids"] == NODE_IDS and sorted(out["names"]) == sorted(NODE_IDS) and out["nodes_loaded"]
     assert (ROOT / out["web"] / "js").is_dir()
+
+
+def test_web_extension_keys_on_the_pack_not_on_node_names():
+    """show_scores.js shows the text of any node of the pack (by its category) that returns some."""
+    from blended_diffusion.nodes import NODE_CLASS_MAPPINGS
+    from blended_diffusion.nodes.common import CATEGORY
+    js = (ROOT / "web" / "js" / "show_scores.js").read_text()
+    assert f'const CATEGORY = "{CATEGORY}";' in js and "message?.text" in js
+    for name, cls in NODE_CLASS_MAPPINGS.items():
+        assert cls.CATEGORY == CATEGORY or cls.CATEGORY.startswith(CATEGORY + "/"), name
+        assert f'"{name}"' not in js, f"show_scores.js lists {name}: it must not need to"
+
+
+def test_the_built_package_holds_every_module_and_the_web_extension(tmp_path):
+    """setuptools' own build of the package (build_py: the packages of pyproject.toml and their package data, what
+    a wheel holds) from a copy of the pack: every package and module, the web extension, workflows and images."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "__pycache__", ".venv*", "*.egg-info", "build",
+                                                              "output", ".pytest_cache", "tests", "docs"))
+    lib = tmp_path / "lib"
+    ran = subprocess.run([sys.executable, "-c", "from setuptools import setup; setup()", "-q", "build_py",
+                          "--build-lib", str(lib)], cwd=src, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    built = {p.relative_to(lib / "blended_diffusion").as_posix() for p in (lib / "blended_diffusion").rglob("*")
+             if p.is_file()}
+    packages = [ROOT] + [d for d in sorted(ROOT.iterdir()) if (d / "__init__.py").is_file()]
+    wanted = {p.relative_to(ROOT).as_posix() for d in packages for p in d.glob("*.py")}
+    wanted |= {p.relative_to(ROOT).as_posix() for pattern in ("web/**/*.js", "workflows/**/*.json",
+                                                               "example_images/*.png") for p in ROOT.glob(pattern)}
+    assert {"web/js/show_scores.js", "host/__init__.py", "host/sd.py", "models/inversion.py"} <= wanted
+    assert wanted <= built, sorted(wanted - built)

@@ -245,7 +245,8 @@ class NullTextEdit:
             raise ValueError("NULL-text Edit: give a target prompt (the caption with the change)")
         inv.check_guidance(guidance)
         src_tp, edit_tp = tokenized(clip, inv.prompt), tokenized(clip, target)
-        weights = {w: float(reweight_factor) for w in ni.split_words(reweight_words)} if reweight_factor != 1.0 else {}
+        weights = {w: float(reweight_factor) for w in ni.split_words(reweight_words)} \
+            if reweight_factor != 1.0 else {}
         ctrl = ni.controller(inv, src_tp, edit_tp, mode, cross_replace_steps=cross_replace_steps,
                              self_replace_steps=self_replace_steps, reweight=weights,
                              blend_words=ni.split_words(blend_words), windows=ni.word_windows(word_replace_steps))
@@ -295,7 +296,6 @@ class NullTextSDEdit:
             inversion.check_guidance(guidance)
         cond = encode_text(clip, target)
         sd = SDModel(model)
-        inversion.check_model(sd)
         bar = host.progress(ni.sdedit_steps(inversion, t0), "SDEdit")
         try:
             out = ni.sdedit_run(sd, inversion, cond, t0, guidance, start, seed, callback=_progress(bar, sd))

@@ -67,8 +67,8 @@ def test_library_and_cli_help_import_no_node_module(tmp_path):
             "except SystemExit as e:\n    rc = e.code\n"
             "cli = pack_modules()\n"
             "import blended_diffusion\n"
-            "names = blended_diffusion.NODE_DISPLAY_NAME_MAPPINGS\n"
-            "print(json.dumps({'library': library, 'cli': cli, 'rc': rc, 'ids': list(blended_diffusion.NODE_CLASS_MAPPINGS),"
+            "ids, names = blended_diffusion.NODE_CLASS_MAPPINGS, blended_diffusion.NODE_DISPLAY_NAME_MAPPINGS\n"
+            "print(json.dumps({'library': library, 'cli': cli, 'rc': rc, 'ids': list(ids),"
             " 'names': list(names), 'web': blended_diffusion.WEB_DIRECTORY,"
             " 'nodes_loaded': 'blended_diffusion.nodes' in sys.modules}))\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}

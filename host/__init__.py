@@ -57,11 +57,11 @@ def register() -> None:
         _fp.add_model_folder_path(kind, os.path.join(_fp.models_dir, kind))
         _fp.folder_names_and_paths[kind][1].update(EXTENSIONS)  # same set object: extended in place
     try:
-        input_dir = Path(_fp.get_input_directory())
+        target = input_dir()
         for png in EXAMPLES_DIR.glob("*.png"):
-            if not (input_dir / png.name).exists():
-                input_dir.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(png, input_dir / png.name)
+            if not (target / png.name).exists():
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(png, target / png.name)
     except OSError as e:
         log.warning("could not copy the Blended Diffusion example images to ComfyUI's input folder: %s", e)
 

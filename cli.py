@@ -3,7 +3,7 @@
 
 ``edit`` takes the official code's flags with their defaults (omriav/blended-diffusion main.py), so an
 old command line can be pasted after ``edit`` (or with no subcommand at all). Only ``fidelity --sd-checkpoint``
-imports ComfyUI (it loads Stable Diffusion checkpoints through ``comfy.sd``); everything else runs without it.
+imports ComfyUI (host/sd.py loads Stable Diffusion checkpoints through ``comfy.sd``); everything else runs without it.
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+from .render import figure, label, to_pil
+
 log = logging.getLogger("blended_diffusion.cli")
 summary = logging.getLogger("blended_diffusion.cli.summary")  # final lines, to stdout
 
-PACK_ROOT = Path(__file__).resolve().parent
-EXAMPLES_DIR = PACK_ROOT / "example_images"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 SUBCOMMANDS = ("edit", "extrapolate", "rank", "fidelity", "run", "weights")
 
@@ -413,6 +413,7 @@ def resolve_weights(args, *, need_ddpm: bool, need_clip: bool) -> tuple[Path | N
 
 def find_example() -> tuple[Path, Path | None, str]:
     """The bundled example: (image, mask, prompt)."""
+    from .models.weights import EXAMPLES_DIR
     for img, mask, prompt in EXAMPLE_CANDIDATES:
         if (EXAMPLES_DIR / img).is_file():
             m = EXAMPLES_DIR / mask if mask and (EXAMPLES_DIR / mask).is_file() else None
@@ -471,13 +472,6 @@ def checked_mask(path: str, size_hw: tuple[int, int], invert: bool):
         raise CLIError(f"the mask {path} selects no pixel" + (" after --invert_mask" if invert else "")
                        + ": paint the region to edit in white (any non-zero value) on black")
     return mask
-
-
-def to_pil(t):
-    """[3, H, W] 0..1 → PIL RGB."""
-    from PIL import Image
-    arr = (t.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
-    return Image.fromarray(arr)
 
 
 def score_token(score: float | None) -> str:
@@ -997,50 +991,6 @@ COMFYUI_FIX = ("--sd-checkpoint loads the Stable Diffusion checkpoint with Comfy
                "requirements (pip install -r DIR/requirements.txt)")
 
 
-def import_comfyui(path: str | None, device) -> None:
-    """Make ComfyUI importable: ``path`` (or $COMFYUI_PATH) is added to sys.path, and without a CUDA device
-    ComfyUI runs on the CPU (its --cpu, set before comfy.model_management is imported). Never installs it."""
-    import os
-
-    import torch
-    path = path or os.environ.get("COMFYUI_PATH") or None
-    where = ""
-    if path:
-        root = Path(path).expanduser().resolve()
-        if not (root / "comfy" / "sd.py").is_file():
-            raise CLIError(f"--comfyui {path}: not a ComfyUI installation (it has no comfy/sd.py). {COMFYUI_FIX}")
-        if str(root) not in sys.path:
-            sys.path.append(str(root))
-        where = f" at {root}"
-    try:
-        from comfy.cli_args import args as comfy_args
-        if "comfy.model_management" not in sys.modules and (device.type == "cpu" or not torch.cuda.is_available()):
-            comfy_args.cpu = True
-        import comfy.model_management  # noqa: F401
-        import comfy.sd  # noqa: F401
-    except ImportError as e:
-        if not path:
-            raise CLIError(f"ComfyUI is not importable here ({e}). {COMFYUI_FIX}") from None
-        raise CLIError(f"ComfyUI{where} does not import with this Python ({e}). {COMFYUI_FIX}") from None
-
-
-def load_sd_checkpoint(path: Path):
-    """(MODEL, CLIP, VAE) of a Stable Diffusion checkpoint, loaded as ComfyUI's Load Checkpoint does."""
-    import comfy.sd
-    try:
-        out = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True,
-                                                    embedding_directory=None)
-    except Exception as e:  # ComfyUI raises RuntimeError and others for files it cannot read
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CLIError(f"--sd-checkpoint {path}: ComfyUI could not load it ({first}); give a Stable Diffusion "
-                       "1.x/2.x checkpoint") from None
-    model, clip, vae = out[:3]
-    if model is None or clip is None or vae is None or getattr(vae, "first_stage_model", True) is None:  # no VAE keys
-        raise CLIError(f"--sd-checkpoint {path}: the file lacks the UNet, text encoder or VAE: give a full "
-                       "Stable Diffusion 1.x/2.x checkpoint")
-    return model, clip, vae
-
-
 def center_crop(x, ratio: int):
     """[B, C, H, W] → sides cropped to multiples of ``ratio`` around the centre (as ComfyUI's VAE encode)."""
     h, w = x.shape[-2:]
@@ -1057,13 +1007,17 @@ def sdedit_sweep(args, ckpt: Path, inv_file: Path | None, image, mask, prompt: s
                  record: dict):
     """The SDEdit half of ``fidelity``: load the checkpoint with ComfyUI, invert -i (or load --inversion), and
     list the runs. Returns (runs, the inversion's source [1, 3, H, W], the mask at its size)."""
-    from .nodes import nulltext as ntn
+    from .host import sd as host_sd
+    from .models import inversion as ni
     log.info("loading %s with ComfyUI", ckpt)
-    model, sd_clip, vae = load_sd_checkpoint(ckpt)
+    try:
+        model, sd_clip, vae = host_sd.load_checkpoint(ckpt)
+    except ValueError as e:
+        raise CLIError(f"--sd-checkpoint {e}") from None
     if inv_file is not None:
-        inv = ntn.Inversion.from_file(inv_file)
+        inv = ni.Inversion.from_file(inv_file)
         guidance = inv.guidance if args.guidance is None else args.guidance
-        ntn._guidance_note(inv, guidance)
+        inv.check_guidance(guidance)
         if args.mask is not None:
             mask = checked_mask(args.mask, tuple(inv.source.shape[1:3]), args.invert_mask)
     else:
@@ -1074,11 +1028,15 @@ def sdedit_sweep(args, ckpt: Path, inv_file: Path | None, image, mask, prompt: s
                      image.shape[-1], image.shape[-2], ratio)
             image = center_crop(image, ratio)
             mask = None if mask is None else center_crop(mask, ratio)
-        res = ntn.NullTextInvert().invert(model, sd_clip, vae, image.movedim(1, -1), args.source_prompt,
-                                          steps=args.steps or 50, guidance=guidance,
-                                          inner_steps=args.inner_steps, global_null=False)
-        inv = res["result"][0]
-        record["inversion_report"] = json.loads(res["result"][2])
+        steps = args.steps or 50
+        sd = host_sd.SDModel(model, grad=args.inner_steps > 0)
+        bar = StepBar(ni.invert_steps(steps, args.inner_steps), "NULL-text inversion")
+        try:
+            inv, _ = host_sd.invert_image(sd, sd_clip, vae, image.movedim(1, -1), args.source_prompt.strip(),
+                                          steps=steps, guidance=guidance, inner_steps=args.inner_steps, callback=bar)
+        finally:
+            bar.close()
+        record["inversion_report"] = inv.report()
         if args.save_inversion:
             inv.to_file(Path(args.save_inversion).expanduser())
             log.info("saved the inversion to %s", args.save_inversion)
@@ -1086,10 +1044,11 @@ def sdedit_sweep(args, ckpt: Path, inv_file: Path | None, image, mask, prompt: s
     record["resolved"].update({"source_prompt": inv.prompt, "steps": inv.steps, "guidance": guidance,
                                "inversion": str(inv_file.resolve()) if inv_file else None,
                                "source_size": [source.shape[-1], source.shape[-2]]})
-    cond = ntn.encode_text(sd_clip, prompt)
-    sd = ntn.SDModel(model)
-    ntn._check_model(sd, inv)
-    return ntn.sdedit_runs(sd, vae, inv, cond, t0s, guidance, args.seed, args.plain_sdedit), source, mask
+    cond = host_sd.encode_text(sd_clip, prompt)
+    sd = host_sd.SDModel(model)
+    runs = ni.sdedit_runs(sd, inv, cond, t0s, guidance, args.seed, lambda z: sd.decode_pixels(vae, z),
+                          args.plain_sdedit)
+    return runs, source, mask
 
 
 def cmd_fidelity(args) -> int:
@@ -1160,8 +1119,14 @@ def cmd_fidelity(args) -> int:
         check_output_dir(Path(args.save_inversion).expanduser().parent, "--save-inversion")
 
     device = resolve_device(args.device, args.gpu_id)
-    if sd_mode:
-        import_comfyui(args.comfyui, device)  # before any model is loaded: a missing ComfyUI fails fast
+    if sd_mode:  # before any model is loaded: a missing ComfyUI fails fast
+        from .host import sd as host_sd
+        try:
+            host_sd.import_comfyui(args.comfyui, device)
+        except ValueError as e:
+            raise CLIError(f"--comfyui {e}. {COMFYUI_FIX}") from None
+        except ImportError as e:
+            raise CLIError(f"{e}. {COMFYUI_FIX}") from None
     image = load_image(args.init_image) if args.init_image is not None and inv_file is None else None
     mask = None
     if args.mask is not None and image is not None:
@@ -1195,7 +1160,7 @@ def cmd_fidelity(args) -> int:
         from tqdm.auto import tqdm
         rows, images = [], []
         bar = tqdm(total=len(runs), desc="fidelity curve", unit="result", file=sys.stderr, dynamic_ncols=True)
-        bar.set_postfix_str(f"{runs[0].method} {fid.label(runs[0].parameter, runs[0].value)}")
+        bar.set_postfix_str(f"{runs[0].method} {label(runs[0].parameter, runs[0].value)}")
         try:
             for row, img in fid.sweep(runs, source, clip, prompt, mask):
                 rows.append(row)
@@ -1203,7 +1168,7 @@ def cmd_fidelity(args) -> int:
                 bar.update()
                 if len(rows) < len(runs):
                     nxt = runs[len(rows)]
-                    bar.set_postfix_str(f"{nxt.method} {fid.label(nxt.parameter, nxt.value)}")
+                    bar.set_postfix_str(f"{nxt.method} {label(nxt.parameter, nxt.value)}")
         except KeyboardInterrupt:
             record["interrupted"] = True
         finally:
@@ -1215,21 +1180,21 @@ def cmd_fidelity(args) -> int:
         entry = {"method": row.method, "parameter": row.parameter, "value": row.value, "lpips": row.lpips,
                  "clip_distance": row.clip_distance, "file": None}
         if args.save_images:
-            name = f"{k:02d}_{_slug(row.method)}_{_slug(fid.label(row.parameter, row.value))}.png"
+            name = f"{k:02d}_{_slug(row.method)}_{_slug(label(row.parameter, row.value))}.png"
             (out_dir / "fidelity_images").mkdir(exist_ok=True)
             to_pil(img[0]).save(out_dir / "fidelity_images" / name)
             entry["file"] = f"fidelity_images/{name}"
         record["rows"].append(entry)
     if rows:
         csv_path.write_text(fid.csv_text(rows))
-        fid.figure(rows, prompt).save(png_path)
+        figure(rows, prompt).save(png_path)
     else:  # no curve from an earlier run may pass for this one's
         csv_path.unlink(missing_ok=True)
         png_path.unlink(missing_ok=True)
     record["elapsed_s"] = round(time.time() - t_start, 2)
     write_json(json_path, record)
     for row in rows:
-        summary.info("%-34s %s: LPIPS %.4f, D_CLIP %.4f", row.method, fid.label(row.parameter, row.value),
+        summary.info("%-34s %s: LPIPS %.4f, D_CLIP %.4f", row.method, label(row.parameter, row.value),
                      row.lpips, row.clip_distance)
     if record["interrupted"]:
         log.warning("interrupted: kept the %d finished result(s) of %d", len(rows), len(runs))
@@ -1256,6 +1221,7 @@ def parse_override(text: str) -> tuple[str, str, object]:
 
 
 def find_workflow(name: str) -> Path:
+    from .models.weights import PACK_ROOT
     p = Path(name).expanduser()
     if p.is_file():
         return p
@@ -1317,6 +1283,7 @@ def _env(name: str, value: str | None):
 
 
 def cmd_run(args) -> int:
+    from .models.weights import PACK_ROOT
     api = PACK_ROOT / "workflows" / "api"
     if args.list:
         for q in sorted(api.glob("*.json")):

@@ -154,10 +154,6 @@ class DDPM:
         s = self.sched
         return s["sqrt_recip_ac"][i] * x - s["sqrt_recipm1_ac"][i] * eps
 
-    def eps_from_xstart(self, x, i, x0):
-        s = self.sched
-        return (s["sqrt_recip_ac"][i] * x - x0) / s["sqrt_recipm1_ac"][i]
-
     def posterior(self, x, i, x0, var_values):
         """Mean and log-variance of p(x_{i-1} | x_i) (guided-diffusion p_mean_variance)."""
         s = self.sched

@@ -27,7 +27,6 @@ network's own weights must not be inference tensors (see ``models.ddpm.thaw``).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -35,6 +34,8 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .edit import grad_mode
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +100,6 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_from: float, a_to: float) ->
 
 
 # --------------------------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def grad_mode():
-    """Gradients even when the caller runs under torch.inference_mode() (ComfyUI does)."""
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
-
-
 def _ctx(c: torch.Tensor, n: int, name: str) -> torch.Tensor:
     if c.ndim != 3:
         raise ValueError(f"{name} must be [1|B, L, D] (a CONDITIONING tensor), got {tuple(c.shape)}")

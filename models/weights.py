@@ -28,7 +28,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 ENV_MODELS_DIR = "BLENDED_DIFFUSION_MODELS"
-PACK_ROOT = Path(__file__).resolve().parents[1]
+PACK_ROOT = Path(__file__).resolve().parents[1]  # the pack's root folder (computed here only)
+EXAMPLES_DIR = PACK_ROOT / "example_images"      # the bundled example images
 FOLDERS = ("ddpm", "clip_guidance")
 
 
@@ -163,8 +164,7 @@ def ensure(weight: WeightFile | str, *, download: bool = True, progress: bool = 
     if not download:
         raise WeightsError(
             f"{weight.name} ({weight.description}) is missing and downloads are off. Download it from "
-            f"{weight.url} and put it in {dest.parent} (or give its path: --model / --clip on the "
-            "command line).")
+            f"{weight.url} and put it in {dest.parent}.")
     log.info("%s not found in %s: downloading it from %s", weight.name,
              ", ".join(str(d) for d in search_dirs(weight.folder, pack_root)), weight.url)
     if not weight.has_checksum:
@@ -189,8 +189,7 @@ def _hash_existing(path: Path, h) -> int:
 def _offline_message(url: str, dest: Path, reason) -> str:
     return (f"could not download {dest.name} from {url} ({reason}). If this machine is offline, "
             f"download {dest.name} elsewhere from {url} and put it in {dest.parent} "
-            f"(or set {ENV_MODELS_DIR} to a folder with ddpm/ and clip_guidance/ subfolders, or give the "
-            "file's path: --model / --clip on the command line).")
+            f"(or set {ENV_MODELS_DIR} to a folder with ddpm/ and clip_guidance/ subfolders).")
 
 
 def download_file(url: str, dest: Path | str, *, weight: WeightFile | None = None, progress: bool = True,

@@ -1,5 +1,5 @@
 """ComfyUI nodes of the Blended Diffusion pack (classic V1 API: NODE_CLASS_MAPPINGS)."""
-from . import host
+from .. import host
 from .apps import BlendedDiffusionEvaluate, Extrapolate, RankByCLIP
 from .loaders import LoadCLIP, LoadDDPM
 from .nulltext import NODE_CLASS_MAPPINGS as _NULLTEXT_NODES

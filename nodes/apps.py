@@ -7,7 +7,7 @@ import logging
 import torch
 
 from ..models import apps
-from . import host
+from .. import host
 from .common import (CATEGORY, CLIP_T, DDPM_T, MAX_SEED, bchw_to_image, check_ranges, checked_image,
                      image_to_bchw, mask_to_bhw, resize_mask, same_device)
 

@@ -10,7 +10,7 @@ from collections import OrderedDict
 import torch
 
 from ..models import ClipModel, DDPM, load_clip, load_ddpm
-from . import host
+from .. import host
 from .common import CATEGORY, CLIP_T, DDPM_T
 
 log = logging.getLogger(__name__)

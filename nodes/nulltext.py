@@ -5,46 +5,36 @@ guidance), keep the result (``SaveInversion`` / ``LoadInversion``: one .safetens
 times from it: prompt-to-prompt (``NullTextEdit``), SDEdit (``NullTextSDEdit``), and the supplement's
 fidelity/editability sweep (``FidelityCurve``).
 
-The algorithms are the pure-torch core (models/nulltext.py, models/p2p.py); this module only adapts the
-host's objects to the core's protocol ``eps(x_t, t, context)``:
-- DDIM schedule from the model's own ``model_sampling``: ᾱ = 1 / (σ² + 1);
-- ε from ``BaseModel.apply_model`` (which takes x in σ-space and returns the denoised x̂0):
-  x_in = x·sqrt(1 + σ²), ε = (x_in − x̂0) / σ — right for ε- and v-prediction models;
-- latents in the model's space (``process_latent_in`` after the VAE, ``process_latent_out`` before it);
-- prompt-to-prompt through ``set_model_attn1_replace`` / ``set_model_attn2_replace`` on a clone of the
-  MODEL (the incoming model is never modified);
-- the core's own DDIM loop (not KSampler), CFG batch order [uncond, cond].
-SD1.x / SD2.x models only (4-channel latents, one cross-attention context, a discrete schedule).
+The nodes declare their inputs, call the engine and format its results: the runs and the inversion's file format
+are models/inversion.py (over the pure-torch core, models/nulltext.py and models/p2p.py; the core's own DDIM
+loop, not KSampler, CFG batch order [uncond, cond]); host/sd.py adapts ComfyUI's MODEL / CLIP / VAE to it.
+SD1.x / SD2.x models only.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import host
+from ..host.sd import SDModel, encode_text, invert_image, tokenized
 from ..models import fidelity as fid
-from ..models import nulltext as nt
-from ..models import p2p
-from ..models.ddpm import thaw
-from ..models.fidelity import measure  # noqa: F401  (re-exported: what FidelityCurve measures with)
-from . import host
+from ..models import inversion as ni
+from ..render import figure
 from .common import CATEGORY, CLIP_T, CONTEXT_TIP, DDPM_T, MAX_SEED, bchw_to_image, image_to_bchw, mask_to_bhw
 
 log = logging.getLogger(__name__)
 
 NT_CATEGORY = f"{CATEGORY}/NULL-text"
 INVERSION_T = "BD_INVERSION"
-FORMAT = "blended_diffusion.nulltext_inversion"
-FORMAT_VERSION = "1"
 MODES = ["replace", "refine", "reweight"]
+STARTS = list(ni.SDEDIT_STARTS)
 SD_TOOLTIPS = {
     "model": "The Stable Diffusion 1.x/2.x MODEL (e.g. from Load Checkpoint). Use the model the inversion "
              "was made with.",
@@ -54,222 +44,13 @@ SD_TOOLTIPS = {
 }
 
 
-# --------------------------------------------------------------------------------------------- the type
-@dataclass
-class Inversion:
-    """NullTextInvert's output (the custom type BD_INVERSION).
-
-    latents: the pivot trajectory z*_0 … z*_N ([1, 4, h, w] each, float32, CPU, in the model's latent
-    space); nulls: the N per-step null embeddings (sampling-step order), or one for all steps (global);
-    cond / uncond: the caption's and the empty prompt's contexts [1, L, D]; alphas_cumprod: the training
-    schedule the trajectory was made on; source: the image that was encoded (IMAGE [1, H, W, 3])."""
-    latents: list
-    nulls: list
-    cond: torch.Tensor
-    uncond: torch.Tensor
-    alphas_cumprod: torch.Tensor
-    prompt: str
-    guidance: float
-    source: torch.Tensor
-    is_global: bool = False
-    inner_steps: int = 10
-    losses: list = field(default_factory=list)
-    info: dict = field(default_factory=dict)
-
-    @property
-    def steps(self) -> int:
-        return len(self.latents) - 1
-
-    def schedule(self) -> nt.DDIMSchedule:
-        return nt.DDIMSchedule(self.steps, alphas_cumprod=self.alphas_cumprod)
-
-    def step_nulls(self) -> list:
-        """One null embedding per sampling step (the global one repeated)."""
-        return list(self.nulls) if len(self.nulls) == self.steps else [self.nulls[0]] * self.steps
-
-    # ---- file format: tensors + JSON metadata in one .safetensors
-    def to_file(self, path: Path) -> None:
-        from safetensors.torch import save_file
-        tensors = {"latents": torch.cat(self.latents), "nulls": torch.cat(self.nulls), "cond": self.cond,
-                   "uncond": self.uncond, "alphas_cumprod": self.alphas_cumprod, "source": self.source}
-        with torch.inference_mode(False):
-            tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "prompt": self.prompt, "steps": str(self.steps),
-                "guidance": repr(float(self.guidance)), "global": json.dumps(self.is_global),
-                "inner_steps": str(self.inner_steps), "losses": json.dumps(self.losses),
-                "info": json.dumps(self.info)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata=meta)
-
-    @classmethod
-    def from_file(cls, path: Path) -> "Inversion":
-        from safetensors import safe_open
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                t = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types for damaged files
-            raise ValueError(f"{path} is not a readable .safetensors file ({e}): save it again with "
-                             "Save Inversion") from None
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a NULL-text inversion saved by Save Inversion "
-                             f"(metadata format = {meta.get('format')!r})")
-        if meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has inversion format version {meta.get('version')!r}; this pack reads "
-                             f"version {FORMAT_VERSION}: invert the image again")
-        missing = {"latents", "nulls", "cond", "uncond", "alphas_cumprod", "source"} - set(t)
-        if missing:
-            raise ValueError(f"{path} lacks the tensors {sorted(missing)}: invert the image again")
-        steps = int(meta["steps"])
-        is_global = json.loads(meta["global"])
-        lat, nulls = t["latents"], t["nulls"]
-        if lat.ndim != 4 or lat.shape[0] != steps + 1 or nulls.ndim != 3 or \
-                nulls.shape[0] != (1 if is_global else steps) or nulls.shape[1:] != t["cond"].shape[1:]:
-            raise ValueError(f"{path}: tensor shapes do not fit a {steps}-step inversion "
-                             f"(latents {tuple(lat.shape)}, nulls {tuple(nulls.shape)}): the file is damaged")
-        return cls(latents=list(lat.float().split(1)), nulls=list(nulls.float().split(1)),
-                   cond=t["cond"].float(), uncond=t["uncond"].float(),
-                   alphas_cumprod=t["alphas_cumprod"].double(), prompt=meta.get("prompt", ""),
-                   guidance=float(meta["guidance"]), source=t["source"].float(), is_global=is_global,
-                   inner_steps=int(meta.get("inner_steps", 10)), losses=json.loads(meta.get("losses", "[]")),
-                   info=json.loads(meta.get("info", "{}")))
-
-
-# --------------------------------------------------------------------------------------------- host glue
-class SDModel:
-    """A ComfyUI MODEL as the core's ``eps(x_t, t, context)``, loaded on its device.
-
-    With a controller (prompt-to-prompt) the MODEL is cloned and every transformer block's self- and
-    cross-attention is replaced by the controller's patch; the incoming MODEL is left as it was."""
-
-    def __init__(self, model, controller=None, grad: bool = False):
-        import comfy.model_management as mm  # the host's loader (this class only runs inside ComfyUI)
-        self.patcher = model.clone() if controller is not None else model
-        if controller is not None:
-            for name, number in p2p.comfy_block_keys():
-                self.patcher.set_model_attn1_replace(p2p.attention_patch(controller, False), name, number)
-                self.patcher.set_model_attn2_replace(p2p.attention_patch(controller, True), name, number)
-        self.base = self.patcher.model
-        check_sd(self.base)
-        mm.load_models_gpu([self.patcher])
-        if grad:  # ComfyUI builds and moves models in inference mode: autograd cannot save those weights
-            thaw(self.base.diffusion_model)
-        self.device = self.patcher.load_device
-        ms = self.patcher.get_model_object("model_sampling")
-        sigmas = getattr(ms, "sigmas", None)
-        if sigmas is None or sigmas.ndim != 1 or sigmas.numel() < 2:
-            raise ValueError("this MODEL has no discrete noise schedule (model_sampling.sigmas): NULL-text "
-                             "inversion needs an SD1.x/SD2.x checkpoint")
-        with torch.inference_mode(False):
-            self.sigmas = sigmas.detach().float().clone().to(self.device)
-            self.alphas_cumprod = (1.0 / (sigmas.detach().double().cpu() ** 2 + 1)).clone()
-
-    def schedule(self, steps: int) -> nt.DDIMSchedule:
-        return nt.DDIMSchedule(steps, alphas_cumprod=self.alphas_cumprod)
-
-    def eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        sigma = self.sigmas[t.to(self.sigmas.device)].to(x.device)
-        s = sigma.view(-1, 1, 1, 1).to(x.dtype)
-        x_in = x * (1 + s * s).sqrt()
-        options = dict(self.patcher.model_options.get("transformer_options", {}))  # the UNet writes into it
-        denoised = self.base.apply_model(x_in, sigma, c_crossattn=context, transformer_options=options)
-        return (x_in - denoised.to(x.dtype)) / s
-
-    def to_model(self, z: torch.Tensor) -> torch.Tensor:
-        return z.to(self.device, torch.float32)
-
-    def decode(self, vae, z: torch.Tensor) -> torch.Tensor:
-        """Model-space latents → IMAGE [B, H, W, 3]."""
-        with torch.no_grad():
-            img = vae.decode(self.base.process_latent_out(z.float()).to(torch.float32))
-        return img.float().cpu().clamp(0, 1)[..., :3]
-
-    def preview(self, z: torch.Tensor) -> torch.Tensor | None:
-        """A cheap RGB view of the last latent of a batch (the edit; [1, 3, 8h, 8w] in [−1, 1]) from the latent
-        format's factors."""
-        fmt = getattr(self.base, "latent_format", None)
-        factors = getattr(fmt, "latent_rgb_factors", None)
-        if factors is None:
-            return None
-        w = torch.tensor(factors, dtype=torch.float32, device=z.device)
-        if w.shape[0] != z.shape[1]:
-            return None
-        rgb = torch.einsum("bchw,cr->brhw", z[-1:].float(), w)
-        bias = getattr(fmt, "latent_rgb_factors_bias", None)
-        if bias is not None:
-            rgb = rgb + torch.tensor(bias, dtype=torch.float32, device=z.device).view(1, -1, 1, 1)
-        return F.interpolate(rgb, scale_factor=8, mode="nearest").clamp(-1, 1)
-
-
-def check_sd(base) -> None:
-    """SD1.x / SD2.x only: a 4-channel latent UNet with one cross-attention context and no extra vector."""
-    unet = getattr(base, "diffusion_model", None)
-    cfg = getattr(getattr(base, "model_config", None), "unet_config", {}) or {}
-    name = type(getattr(base, "model_config", None)).__name__
-    if unet is None or not hasattr(unet, "input_blocks") or cfg.get("in_channels", 4) != 4 or \
-            cfg.get("adm_in_channels") or getattr(base, "adm_channels", 0):
-        raise ValueError(f"NULL-text inversion supports Stable Diffusion 1.x/2.x checkpoints; this MODEL is "
-                         f"{name}: load an SD1.5/SD2.1 checkpoint with Load Checkpoint")
-
-
-def encode_text(clip, text: str) -> torch.Tensor:
-    """A prompt's cross-attention context [1, L, D] (float32, CPU); one 77-token chunk."""
-    tokens = clip.tokenize(text)
-    for key, chunks in tokens.items():
-        if len(chunks) != 1:
-            raise ValueError(f"the prompt {text!r} is longer than one 77-token chunk of the text encoder: "
-                             "shorten it (NULL-text inversion and prompt-to-prompt use a single chunk)")
-    out = clip.encode_from_tokens(tokens)
-    cond = out[0] if isinstance(out, (tuple, list)) else out
-    with torch.inference_mode(False):
-        return cond.detach().float().cpu().clone()
-
-
-def tokenized(clip, text: str) -> p2p.TokenizedPrompt:
-    """The prompt's words and BPE tokens for prompt-to-prompt, checked against the host's own tokenizer
-    (so the token positions the controller edits are the ones the text encoder sees)."""
-    tp = p2p.tokenize(text)
-    tokens = clip.tokenize(text)
-    seq = next(iter(tokens.values()))[0]
-    ids, weights = [], []
-    for item in seq:
-        tok = item[0]
-        ids.append(int(tok) if not torch.is_tensor(tok) or tok.numel() == 1 else -1)
-        weights.append(float(item[1]))
-    end = ids.index(p2p.EOT, 1) if p2p.EOT in ids[1:] else len(ids)
-    flat = [t for w in tp.tokens for t in w]
-    if ids[:1] != [p2p.SOT] or ids[1:end] != flat or any(w != 1.0 for w in weights[:end + 1]):
-        raise ValueError(f"prompt-to-prompt needs plain prompts: {text!r} uses prompt weights, embeddings or "
-                         "text the tokenizers split differently; remove (word:weight) and embedding: syntax")
-    return tp
-
-
-def _words(text: str) -> list[str]:
-    return [w for w in re.split(r"[,\s]+", text.strip()) if w]
-
-
-def _callback(bar, offset: int, sd: SDModel | None = None):
-    """Core callback → progress (cumulative over stages) with a latent preview, and Cancel."""
-    def cb(done, _n, z):
-        bar.update(offset + done, None if sd is None else sd.preview(z))
+# --------------------------------------------------------------------------------------------- helpers
+def _progress(bar, sd: SDModel):
+    """The engine's step callback → the node's progress bar with a latent preview, and Cancel."""
+    def cb(done, _total, z):
+        bar.update(done, sd.preview(z))
         host.check_interrupt()
     return cb
-
-
-def _output_dir() -> Path:
-    try:
-        import folder_paths
-        return Path(folder_paths.get_output_directory())
-    except ImportError:
-        return Path(os.environ.get("BLENDED_DIFFUSION_OUTPUT", "output"))
-
-
-def _input_dir() -> Path | None:
-    try:
-        import folder_paths
-        return Path(folder_paths.get_input_directory())
-    except ImportError:
-        return None
 
 
 def _inversion_path(name: str, *, for_reading: bool) -> Path:
@@ -283,9 +64,9 @@ def _inversion_path(name: str, *, for_reading: bool) -> Path:
         return p
     if ".." in p.parts:
         raise ValueError(f"{name!r}: a relative name may not leave the output folder; give an absolute path")
-    candidates = [_output_dir() / p]
-    if for_reading and _input_dir() is not None:
-        candidates.append(_input_dir() / p)
+    candidates = [host.output_dir() / p]
+    if for_reading and host.input_dir() is not None:
+        candidates.append(host.input_dir() / p)
     if for_reading:
         for c in candidates:
             if c.is_file():
@@ -294,18 +75,6 @@ def _inversion_path(name: str, *, for_reading: bool) -> Path:
                                 "with Save Inversion first, or give the file's absolute path")
     return candidates[0]
 
-
-def _check_model(sd: SDModel, inv: Inversion) -> None:
-    ac = sd.alphas_cumprod
-    if ac.shape != inv.alphas_cumprod.shape or not torch.allclose(ac, inv.alphas_cumprod, rtol=1e-4, atol=1e-6):
-        raise ValueError("this MODEL's noise schedule differs from the one the inversion was made with: edit "
-                         "with the checkpoint you inverted with")
-
-
-def _guidance_note(inv: Inversion, guidance: float) -> None:
-    if abs(guidance - inv.guidance) > 1e-6:
-        log.warning("guidance %.2f differs from the inversion's %.2f: the null embeddings were optimised for "
-                    "%.2f, so the unedited parts will drift", guidance, inv.guidance, inv.guidance)
 
 
 # --------------------------------------------------------------------------------------------- nodes
@@ -350,59 +119,16 @@ class NullTextInvert:
         if image.ndim == 4 and image.shape[0] != 1:
             raise ValueError(f"NULL-text Invert inverts one image at a time, got a batch of {image.shape[0]}: "
                              "pick one (e.g. with Image From Batch)")
-        t_start = time.perf_counter()
+        started = time.perf_counter()
         sd = SDModel(model, grad=inner_steps > 0)
-        sched = sd.schedule(steps)
-        cond, uncond = encode_text(clip, prompt.strip()), encode_text(clip, "")
-        with torch.no_grad():
-            pixels = image[..., :3] if image.ndim == 4 else image[None, ..., :3]
-            z0 = vae.encode(pixels)
-            source = vae.vae_encode_crop_pixels(pixels) if hasattr(vae, "vae_encode_crop_pixels") else pixels
-            z0 = sd.base.process_latent_in(z0.float())
-        with torch.inference_mode(False):
-            z0 = z0.detach().float().clone().to(sd.device)
-            c, u = cond.to(sd.device), uncond.to(sd.device)
-        opt_total = (inner_steps * steps if global_null else steps) if inner_steps > 0 else 0
-        total = steps + opt_total + steps
-        bar = host.progress(total, "NULL-text inversion")
-        times, losses = {}, []
+        bar = host.progress(ni.invert_steps(steps, inner_steps, global_null), "NULL-text inversion")
         try:
-            t = time.perf_counter()
-            latents = nt.ddim_invert(sd.eps, sched, z0, c, callback=_callback(bar, 0, sd))
-            times["ddim_inversion_s"] = time.perf_counter() - t
-            t = time.perf_counter()
-            if inner_steps == 0:
-                nulls = [u]
-                global_null = True
-            elif global_null:
-                nulls = [nt.null_text_optimize_global(sd.eps, sched, latents, c, u, guidance, epochs=inner_steps,
-                                                      callback=_callback(bar, steps, sd))]
-            else:
-                nulls = nt.null_text_optimize(sd.eps, sched, latents, c, u, guidance, inner_steps,
-                                              callback=_callback(bar, steps, sd), losses=losses)
-            times["null_text_s"] = time.perf_counter() - t
-            t = time.perf_counter()
-            step_nulls = nulls if len(nulls) == steps else nulls * steps
-            rec = nt.ddim_sample_cfg(sd.eps, sched, latents[-1], c, step_nulls, guidance,
-                                     callback=_callback(bar, steps + opt_total, sd))
-            times["reconstruction_s"] = time.perf_counter() - t
+            inv, recon = invert_image(sd, clip, vae, image, prompt.strip(), steps=steps, guidance=guidance,
+                                      inner_steps=inner_steps, global_null=global_null, callback=_progress(bar, sd),
+                                      started=started)
         finally:
             bar.close()
-        recon = sd.decode(vae, rec)
-        with torch.inference_mode(False):
-            inv = Inversion(latents=[z.detach().float().cpu().clone() for z in latents],
-                            nulls=[n.detach().float().cpu().clone() for n in nulls], cond=cond, uncond=uncond,
-                            alphas_cumprod=sd.alphas_cumprod.clone(), prompt=prompt.strip(), guidance=float(guidance),
-                            source=source.detach().float().cpu().clone(), is_global=bool(global_null),
-                            inner_steps=int(inner_steps), losses=[float(x) for x in losses])
-        latent_mse = float(F.mse_loss(rec.float().cpu(), latents[0].float().cpu()))
-        pixel_mae = float((recon - inv.source).abs().mean()) if recon.shape == inv.source.shape else None
-        times["total_s"] = time.perf_counter() - t_start
-        inv.info = {"latent_mse": latent_mse, "pixel_mae": pixel_mae,
-                    **{k: round(v, 3) for k, v in times.items()}}
-        report = json.dumps({"prompt": inv.prompt, "steps": steps, "guidance": guidance, "global_null": inv.is_global,
-                             "inner_steps": inner_steps, "final_losses": inv.losses, **inv.info}, indent=1)
-        log.info("NULL-text inversion: %d steps, latent MSE %.3g, %.1f s", steps, latent_mse, times["total_s"])
+        report = json.dumps(inv.report(), indent=1)
         return {"ui": {"text": [report]}, "result": (inv, recon, report)}
 
 
@@ -456,7 +182,7 @@ class LoadInversion:
             return float("nan")
 
     def load(self, filename="nulltext/inversion"):
-        inv = Inversion.from_file(_inversion_path(filename, for_reading=True))
+        inv = ni.Inversion.from_file(_inversion_path(filename, for_reading=True))
         return (inv, inv.source.clone(), inv.prompt)
 
 
@@ -517,96 +243,21 @@ class NullTextEdit:
             target = inv.prompt
         if not target:
             raise ValueError("NULL-text Edit: give a target prompt (the caption with the change)")
-        _guidance_note(inv, guidance)
+        inv.check_guidance(guidance)
         src_tp, edit_tp = tokenized(clip, inv.prompt), tokenized(clip, target)
-        weights = {w: float(reweight_factor) for w in _words(reweight_words)} if reweight_factor != 1.0 else {}
-        for w in weights:
-            edit_tp.positions(w)  # names the missing word
-        blend = None
-        words = _words(blend_words or "")
-        if words:
-            src_w = [w for w in words if _has(src_tp, w)]
-            edit_w = [w for w in words if _has(edit_tp, w)]
-            if not src_w and not edit_w:
-                raise ValueError(f"blend_words {words} are in neither prompt: name words of the caption "
-                                 f"({inv.prompt!r}) or of the target ({target!r})")
-            blend = (src_w, edit_w)
-        cross = cross_replace_steps
-        windows = word_windows(word_replace_steps)
-        if windows:
-            cross = {"default_": cross_replace_steps, **windows}
-        h, w = inv.latents[0].shape[-2:]
-        controller = p2p.prompt_to_prompt(src_tp, [edit_tp], mode, reweight=weights or None,
-                                          cross_replace_steps=cross,
-                                          self_replace_steps=self_replace_steps, self_max_tokens=h * w // 16,
-                                          blend_words=blend, max_len=inv.cond.shape[1])
-        if controller.local_blend is not None:
-            controller.local_blend.max_tokens = h * w // 16
+        weights = {w: float(reweight_factor) for w in ni.split_words(reweight_words)} \
+            if reweight_factor != 1.0 else {}
+        ctrl = ni.controller(inv, src_tp, edit_tp, mode, cross_replace_steps=cross_replace_steps,
+                             self_replace_steps=self_replace_steps, reweight=weights,
+                             blend_words=ni.split_words(blend_words), windows=ni.word_windows(word_replace_steps))
         cond_edit = encode_text(clip, target)
-        sd = SDModel(model, controller)
-        _check_model(sd, inv)
-        steps = inv.steps
-        bar = host.progress(steps, "prompt-to-prompt")
+        sd = SDModel(model, ctrl)
+        bar = host.progress(inv.steps, "prompt-to-prompt")
         try:
-            with torch.inference_mode(False):
-                cond = torch.cat([inv.cond, cond_edit]).to(sd.device)
-                z = inv.latents[-1].to(sd.device).expand(2, -1, -1, -1).clone()
-                nulls = [n.to(sd.device) for n in inv.step_nulls()]
-            out = nt.ddim_sample_cfg(sd.eps, inv.schedule(), z, cond, nulls, guidance, controller=controller,
-                                     callback=_callback(bar, 0, sd))
+            out = ni.edit(sd, inv, cond_edit, ctrl, guidance, callback=_progress(bar, sd))
         finally:
             bar.close()
         return (sd.decode(vae, out),)
-
-
-def word_windows(text: str) -> dict[str, tuple[float, float]]:
-    """"dog: 0.4, hat: 0.2-0.6" → {"dog": (0, 0.4), "hat": (0.2, 0.6)}."""
-    out = {}
-    for item in filter(None, (t.strip() for t in (text or "").split(","))):
-        word, sep, val = item.rpartition(":")
-        word = word.strip()
-        try:
-            lo, _, hi = val.strip().partition("-")
-            win = (float(lo), float(hi)) if hi else (0.0, float(lo))
-        except ValueError:
-            win = None
-        if not sep or not word or win is None or not 0 <= win[0] <= win[1] <= 1:
-            raise ValueError(f"word_replace_steps item {item!r}: write \"word: fraction\" or \"word: start-end\" "
-                             "with 0 <= start <= end <= 1, items separated by commas (e.g. \"dog: 0.4\")")
-        out[word] = win
-    return out
-
-
-def _has(tp: p2p.TokenizedPrompt, word: str) -> bool:
-    try:
-        tp.positions(word)
-        return True
-    except ValueError:
-        return False
-
-
-STARTS = ["inversion", "random noise"]
-
-
-def sdedit_run(sd: SDModel, inv: Inversion, cond: torch.Tensor, t0: float, guidance: float, start: str,
-               seed: int, bar=None) -> torch.Tensor:
-    """SDEdit from strength t0: from the inverted z*_k with the optimised null embeddings ("inversion"), or
-    from q_sample(z0, k) with fresh noise and the empty prompt's embedding ("random noise", plain SDEdit)."""
-    sched = inv.schedule()
-    start_step = nt.sdedit_start_step(sched, t0)
-    k = sched.steps - start_step
-    cb = None if bar is None else _callback(bar, 0, sd)
-    with torch.inference_mode(False):
-        c = cond.to(sd.device)
-        z0 = inv.latents[0].to(sd.device)
-        if start == "inversion":
-            nulls = [n.to(sd.device) for n in inv.step_nulls()]
-            return nt.sdedit(sd.eps, sched, z0, c, nulls, t0, guidance, start_latent=inv.latents[k].to(sd.device),
-                             callback=cb)
-        if start != "random noise":
-            raise ValueError(f"start {start!r} unknown: use one of {STARTS}")
-        gen = torch.Generator().manual_seed(int(seed))
-        return nt.sdedit(sd.eps, sched, z0, c, inv.uncond.to(sd.device), t0, guidance, generator=gen, callback=cb)
 
 
 class NullTextSDEdit:
@@ -642,29 +293,15 @@ class NullTextSDEdit:
     def sdedit(self, model, clip, vae, inversion, target_prompt="", t0=0.6, start="inversion", seed=0, guidance=7.5):
         target = target_prompt.strip() or inversion.prompt
         if start == "inversion":
-            _guidance_note(inversion, guidance)
+            inversion.check_guidance(guidance)
         cond = encode_text(clip, target)
         sd = SDModel(model)
-        _check_model(sd, inversion)
-        bar = host.progress(inversion.steps - nt.sdedit_start_step(inversion.schedule(), t0), "SDEdit")
+        bar = host.progress(ni.sdedit_steps(inversion, t0), "SDEdit")
         try:
-            out = sdedit_run(sd, inversion, cond, t0, guidance, start, seed, bar)
+            out = ni.sdedit_run(sd, inversion, cond, t0, guidance, start, seed, callback=_progress(bar, sd))
         finally:
             bar.close()
         return (sd.decode(vae, out),)
-
-
-# --------------------------------------------------------------------------------------------- evaluation
-def sdedit_runs(sd: SDModel, vae, inv: Inversion, cond: torch.Tensor, t0s: list[float], guidance: float, seed: int,
-                plain: bool = True) -> list[fid.Run]:
-    """The SDEdit points of a fidelity sweep (models/fidelity.py): every t0 after NULL-text inversion, then with
-    ``plain`` every t0 of plain SDEdit; each run decodes its result to [1, 3, H, W] in 0..1."""
-    methods = [("SDEdit after NULL-text inversion", "inversion")] + \
-        ([("plain SDEdit", "random noise")] if plain else [])
-
-    def make(t0: float, start: str):
-        return lambda: image_to_bchw(sd.decode(vae, sdedit_run(sd, inv, cond, t0, guidance, start, seed)))
-    return [fid.Run(name, "t0", t0, make(t0, start)) for name, start in methods for t0 in t0s]
 
 
 class FidelityCurve:
@@ -736,8 +373,7 @@ class FidelityCurve:
         m = None if mask is None else mask_to_bhw(mask)[:1]
         cond = encode_text(clip, prompt)
         sd = SDModel(model)
-        _check_model(sd, inv)
-        runs = sdedit_runs(sd, vae, inv, cond, t0s, guidance, seed, plain_sdedit)
+        runs = ni.sdedit_runs(sd, inv, cond, t0s, guidance, seed, lambda z: sd.decode_pixels(vae, z), plain_sdedit)
         if skips:
             from ..models import AugmentSettings, Guide
             guide = Guide(clip=guidance_clip, prompt=prompt, augment=AugmentSettings(num_views=num_views))
@@ -754,7 +390,7 @@ class FidelityCurve:
         finally:
             bar.close()
         text = fid.csv_text(rows)
-        fig = fid.figure(rows, prompt)
+        fig = figure(rows, prompt)
         png, csv_path = self._write(fig, text, filename_prefix)
         log.info("fidelity curve written to %s and %s", png, csv_path)
         size = images[0].shape[-2:]
@@ -768,7 +404,7 @@ class FidelityCurve:
         prefix = prefix.strip() or "nulltext/fidelity"
         if Path(prefix).is_absolute() or ".." in Path(prefix).parts:
             raise ValueError(f"filename_prefix {prefix!r} must be relative to the output folder")
-        base = _output_dir() / prefix
+        base = host.output_dir() / prefix
         base.parent.mkdir(parents=True, exist_ok=True)
         n = 1
         def taken(k):
@@ -779,6 +415,7 @@ class FidelityCurve:
         fig.save(png)
         csv_path.write_text(text)
         return png, csv_path
+
 
 
 NODE_CLASS_MAPPINGS = {

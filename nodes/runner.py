@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..models import imageio
 from . import NODE_CLASS_MAPPINGS
-from .host import EXAMPLES_DIR
+from ..host import EXAMPLES_DIR
 
 log = logging.getLogger(__name__)
 

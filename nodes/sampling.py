@@ -12,7 +12,7 @@ from ..models.augment import extending_augmentations, random_homographies
 from ..models.edit import check_inputs
 from ..models.nulltext import pixel_x_start
 from ..models.region import crop, plan_box
-from . import host
+from .. import host
 from .common import (AUGMENT_T, BLEND_T, CATEGORY, CLIP_T, CONTEXT_TIP, DDPM_T, MAX_SEED, NOISE_T, STEP_T,
                      BlendRule, GuidedStep, NoiseState, bchw_to_image, check_ranges, checked_image,
                      image_to_bchw, mask_to_bhw, same_device)

@@ -184,8 +184,8 @@ class Probe:
 
     STAGED = ("ddim_invert", "null_text_optimize", "ddim_sample_cfg")
 
-    def __init__(self, nt, ntn, device: torch.device):
-        self.nt, self.ntn, self.dev = nt, ntn, device
+    def __init__(self, nt, host_sd, device: torch.device):
+        self.nt, self.host_sd, self.dev = nt, host_sd, device
         self.node = None
         self.stages: list[dict] = []   # one per call of a wrapped core function
         self.current: dict | None = None
@@ -230,16 +230,16 @@ class Probe:
     @contextlib.contextmanager
     def installed(self):
         saved = {n: getattr(self.nt, n) for n in self.STAGED}
-        eps = self.ntn.SDModel.eps
+        eps = self.host_sd.SDModel.eps
         try:
             for n, fn in saved.items():
                 setattr(self.nt, n, self._wrap_stage(n, fn))
-            self.ntn.SDModel.eps = self._wrap_eps(eps)
+            self.host_sd.SDModel.eps = self._wrap_eps(eps)
             yield self
         finally:
             for n, fn in saved.items():
                 setattr(self.nt, n, fn)
-            self.ntn.SDModel.eps = eps
+            self.host_sd.SDModel.eps = eps
 
     def run_node(self, node_type: str, **kw):
         """One node call as ComfyUI makes it (a fresh instance, inference mode); returns (result, record)."""
@@ -277,7 +277,7 @@ def run(args) -> dict:
     from pack import load_pack
     load_pack()
     from blended_diffusion.models import nulltext as nt
-    from blended_diffusion.nodes import nulltext as ntn
+    from blended_diffusion.host import sd as host_sd
     dev = torch.device(args.device)
     t0 = time.perf_counter()
     with torch.inference_mode():  # ComfyUI builds models inside inference mode too
@@ -288,12 +288,12 @@ def run(args) -> dict:
     rss_models = rss_mib()
     size = args.size
     image = test_image(size)
-    probe = Probe(nt, ntn, dev)
+    probe = Probe(nt, host_sd, dev)
     with probe.installed():
         # warm-up, not timed: one UNet call and one text encoding (first-call costs)
         with torch.inference_mode():
-            sdm = ntn.SDModel(model)
-            c = ntn.encode_text(clip, PROMPT).to(sdm.device)
+            sdm = host_sd.SDModel(model)
+            c = host_sd.encode_text(clip, PROMPT).to(sdm.device)
             sdm.eps(torch.zeros(1, 4, size // 8, size // 8, device=sdm.device),
                     torch.tensor([500], device=sdm.device), c)
             del sdm

@@ -347,7 +347,10 @@ def to_api(wf: Workflow) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- workflows
-EXAMPLES_NAME = load_pack().nodes.host.EXAMPLES_DIR.name  # folder of the example images in the pack
+load_pack()
+from blended_diffusion.host import EXAMPLES_DIR  # noqa: E402
+
+EXAMPLES_NAME = EXAMPLES_DIR.name  # folder of the example images in the pack
 BLUE, GREEN, PURPLE, BROWN, GREY = "#3f789e", "#8A8", "#a1309b", "#b58b2a", "#444"
 INPUT_NOTE = ("Example images: the pack copies its " + EXAMPLES_NAME + "/bd_*.png into ComfyUI/input when ComfyUI starts "
               "(if they are missing there, copy them by hand). Weights: models/ddpm/" + DDPM_FILE +

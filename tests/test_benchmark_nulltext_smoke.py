@@ -60,10 +60,10 @@ def test_probe_restores_the_pack():
     """The wrapped core functions and SDModel.eps are the pack's own again after a run."""
     import torch
     from blended_diffusion.models import nulltext as nt
-    from blended_diffusion.nodes import nulltext as ntn
-    before = {n: getattr(nt, n) for n in bn.Probe.STAGED}, ntn.SDModel.eps
+    from blended_diffusion.host import sd as host_sd
+    before = {n: getattr(nt, n) for n in bn.Probe.STAGED}, host_sd.SDModel.eps
     with pytest.raises(RuntimeError):
-        with bn.Probe(nt, ntn, torch.device("cpu")).installed():
-            assert nt.ddim_invert is not before[0]["ddim_invert"] and ntn.SDModel.eps is not before[1]
+        with bn.Probe(nt, host_sd, torch.device("cpu")).installed():
+            assert nt.ddim_invert is not before[0]["ddim_invert"] and host_sd.SDModel.eps is not before[1]
             raise RuntimeError("a failed run")
-    assert {n: getattr(nt, n) for n in bn.Probe.STAGED} == before[0] and ntn.SDModel.eps is before[1]
+    assert {n: getattr(nt, n) for n in bn.Probe.STAGED} == before[0] and host_sd.SDModel.eps is before[1]

@@ -13,6 +13,7 @@ from PIL import Image
 
 import tiny
 from blended_diffusion import cli
+from blended_diffusion.render import PLOT_SIZE
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--timestep_respacing", "10", "--skip_timesteps", "8", "--aug_num", "2"]  # 2 steps
@@ -780,7 +781,7 @@ def test_fidelity_blended_sweep_end_to_end(tmp_path, small_unet, ckpt_dir, photo
         (lp2, dist2), = fid.measure(cli.load_image(out / e["file"]), source, clip, "a red square", m)
         assert abs(lp2 - lp) < 2e-3 and abs(dist2 - dist) < 2e-3  # (8-bit rounding of the saved file)
     plot = Image.open(out / "fidelity.png")
-    assert plot.size == fid.PLOT_SIZE and plot.mode == "RGB"
+    assert plot.size == PLOT_SIZE and plot.mode == "RGB"
     assert np.asarray(plot).std() > 10  # axes, grid, labels and the curve on white
     assert "skip=7" in cap.out and str(out / "fidelity.csv") in cap.out
 
@@ -804,7 +805,7 @@ def test_fidelity_ctrl_c_keeps_the_finished_rows(tmp_path, small_unet, ckpt_dir,
     assert rc == 130 and "interrupted" in cap.err
     assert [r[2] for r in _csv_rows(out / "fidelity.csv")] == ["9"]
     assert json.loads((out / "fidelity.json").read_text())["interrupted"] is True
-    assert Image.open(out / "fidelity.png").size == fid.PLOT_SIZE
+    assert Image.open(out / "fidelity.png").size == PLOT_SIZE
 
 
 def test_fidelity_errors_are_clear(tmp_path, ckpt_dir, photo, monkeypatch, capsys):
@@ -896,7 +897,7 @@ def test_fidelity_sdedit_with_comfyui_checkpoint(tmp_path, sd_checkpoint, small_
     assert rec["inversion_report"]["steps"] == 4 and inv_file.is_file()
     for e in rec["rows"]:
         assert Image.open(tmp_path / "a" / e["file"]).size == (64, 64)
-    assert Image.open(tmp_path / "a" / "fidelity.png").size == fid.PLOT_SIZE
+    assert Image.open(tmp_path / "a" / "fidelity.png").size == PLOT_SIZE
     # the saved inversion: the same SDEdit-after-inversion and Blended Diffusion rows, no plain SDEdit
     rc, cap = run_cli(["fidelity", *common, "--inversion", inv_file, "--no-plain-sdedit",
                        "--output_path", tmp_path / "b"], capsys)

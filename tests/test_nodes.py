@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from blended_diffusion.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host, loaders, runner
+from blended_diffusion import host
+from blended_diffusion.host import EXAMPLES_DIR
+from blended_diffusion.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, loaders, runner
 from blended_diffusion.nodes.common import NoiseState
-from blended_diffusion.nodes.host import EXAMPLES_DIR
 
 N = NODE_CLASS_MAPPINGS
 OURS = {"BD_DDPM", "BD_CLIP", "BD_NOISE", "BD_STEP", "BD_BLEND", "BD_AUGMENT", "BD_INVERSION"}

@@ -40,9 +40,11 @@ except ImportError as e:  # a checkout whose requirements this interpreter lacks
     pytest.skip(f"ComfyUI at {COMFY} does not import here ({e}): run with its interpreter", allow_module_level=True)
 
 import tiny_sd  # noqa: E402  (tests/ is on sys.path)
+from blended_diffusion import host  # noqa: E402
+from blended_diffusion.host import sd as host_sd  # noqa: E402
 from blended_diffusion.models import nulltext as nt  # noqa: E402
-from blended_diffusion.nodes import NODE_CLASS_MAPPINGS, host  # noqa: E402
-from blended_diffusion.nodes import nulltext as ntn  # noqa: E402
+from blended_diffusion.models.fidelity import measure  # noqa: E402
+from blended_diffusion.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 
 STEPS = 10
 PROMPT = "a photo of a cat"
@@ -161,7 +163,7 @@ def test_invert_reconstructs_better_than_plain_ddim(sd, image, inverted):
     # in pixels, against the VAE's own decoding of the encoded image (the random VAE is no autoencoder, and
     # its decoder amplifies latent errors a lot)
     with torch.inference_mode():
-        ref = ntn.SDModel(model).decode(vae, inv.latents[0])
+        ref = host_sd.SDModel(model).decode(vae, inv.latents[0])
     assert (recon - ref).abs().mean() < 0.8 * (recon_plain - ref).abs().mean()
     assert len(report["final_losses"]) == STEPS
     assert {"ddim_inversion_s", "null_text_s", "reconstruction_s", "total_s"} <= set(report)
@@ -332,7 +334,7 @@ def test_fidelity_curve(sd, inverted, clip, ddpm, tmp_path, monkeypatch):
     # the numbers are the measurements of the returned images
     x = images.movedim(-1, 1)
     with torch.inference_mode():
-        again = ntn.measure(x, inverted[0].source.movedim(-1, 1), clip, "a photo of a dog", mask)
+        again = measure(x, inverted[0].source.movedim(-1, 1), clip, "a photo of a dog", mask)
     for r, (lp, dist) in zip(rows, again):
         assert abs(float(r[3]) - lp) < 1e-4 and abs(float(r[4]) - dist) < 1e-4
     assert fig.shape[0] == 1 and fig.shape[-1] == 3 and fig.std() > 0.01

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import tiny
-from blended_diffusion import cli
+from blended_diffusion import cli, host
 from blended_diffusion.models import CheckpointError
 from blended_diffusion.models import weights as W
 from blended_diffusion.nodes import NODE_CLASS_MAPPINGS as N
-from blended_diffusion.nodes import host, loaders
+from blended_diffusion.nodes import loaders
 
 BLENDED_NODES = ("LoadDDPM", "LoadCLIP", "NoiseImage", "CLIPGuidedStep", "MaskBlend", "ExtendingAugment",
                  "BlendedDiffusionSampler", "RankByCLIP", "Extrapolate", "BlendedDiffusionEvaluate")

@@ -34,7 +34,7 @@ except ImportError as e:  # a checkout whose requirements this interpreter lacks
     pytest.skip(f"ComfyUI at {COMFY} does not import here ({e}): run with its interpreter", allow_module_level=True)
 
 from blended_diffusion.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
-from blended_diffusion.nodes import nulltext as ntn  # noqa: E402
+from blended_diffusion.host import sd as host_sd  # noqa: E402
 
 W, H = 96, 64  # 12x8 latents
 PROMPT = "a red ball next to a small house"
@@ -136,9 +136,9 @@ def test_comfyui_loads_it_as_sd15_with_every_weight(tensors, loaded):
 def test_outputs_are_finite_and_sane(loaded, image):
     model, clip, vae, _ = loaded
     with torch.inference_mode():
-        cond = ntn.encode_text(clip, PROMPT)
-        other = ntn.encode_text(clip, "a blue cube under a tall tree")
-        sd = ntn.SDModel(model)
+        cond = host_sd.encode_text(clip, PROMPT)
+        other = host_sd.encode_text(clip, "a blue cube under a tall tree")
+        sd = host_sd.SDModel(model)
         z = sd.base.process_latent_in(vae.encode(image).float())
         x = vae.decode(sd.base.process_latent_out(z))
         t = torch.tensor([500])

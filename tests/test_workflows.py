@@ -14,7 +14,7 @@ import torch
 import make_thumbnails
 import make_workflows as mw  # tests/ is on sys.path (conftest.py)
 from blended_diffusion.nodes import NODE_CLASS_MAPPINGS
-from blended_diffusion.nodes.host import EXAMPLES_DIR
+from blended_diffusion.host import EXAMPLES_DIR
 from blended_diffusion.nodes.runner import run_workflow
 
 ROOT = Path(__file__).resolve().parents[1]

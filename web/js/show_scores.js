@@ -1,18 +1,26 @@
-// Shows the text a Blended Diffusion node returns in its "ui" (RankByCLIP scores, Evaluate report)
-// in a read-only text box on the node.
+// Shows the text any Blended Diffusion node returns in its "ui" (message.text: RankByCLIP's scores, the Evaluate
+// report, NULL-text Invert's report, Save Inversion's path, the Fidelity Curve's CSV) in a read-only text box on
+// the node. A node belongs to the pack by its category (every one is "Blended Diffusion" or below it), so a new
+// node that returns text shows it without being listed here.
 import { app } from "../../../scripts/app.js";
 import { ComfyWidgets } from "../../../scripts/widgets.js";
 
-const NODES = ["RankByCLIP", "BlendedDiffusionEvaluate"];
+const CATEGORY = "Blended Diffusion";
+
+function ofThisPack(nodeData) {
+  const category = nodeData?.category ?? "";
+  return category === CATEGORY || category.startsWith(CATEGORY + "/");
+}
 
 app.registerExtension({
   name: "BlendedDiffusion.ShowScores",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (!NODES.includes(nodeData.name)) return;
+    if (!ofThisPack(nodeData)) return;
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
-      const text = (message?.text ?? []).join("\n");
+      if (!Array.isArray(message?.text)) return;  // this node returned no text
+      const text = message.text.join("\n");
       let widget = this.widgets?.find((w) => w.name === "bd_report");
       if (!widget) {
         widget = ComfyWidgets["STRING"](this, "bd_report", ["STRING", { multiline: true }], app).widget;

@@ -1,39 +1,45 @@
-"""The one host adapter: model folders, device, memory, progress with previews and interrupts.
+"""The one host adapter, the only code that imports ComfyUI: model, input and output folders, device, memory,
+progress with previews and interrupts here; the Stable Diffusion glue (ComfyUI's MODEL / CLIP / VAE) in
+``host/sd.py``.
 
-Inside ComfyUI (``folder_paths`` and ``comfy.model_management`` import) it uses the host's services;
-standalone (tests, the command line, ``runner.py``) it gives the same services without the host:
+Inside ComfyUI (``folder_paths`` and ``comfy.model_management`` loaded) it uses the host's services;
+standalone (tests, the command line, ``nodes/runner.py``) it gives the same services without the host:
 models in the ``ddpm/`` and ``clip_guidance/`` folders of ``models.weights.search_dirs``
 (``$BLENDED_DIFFUSION_MODELS``, ComfyUI's models folder when the pack sits in ``custom_nodes``,
-``~/.cache/blended_diffusion``), CUDA if available, a tqdm bar, and an interrupt flag set by
-``request_interrupt()``.
+``~/.cache/blended_diffusion``), files written to ``$BLENDED_DIFFUSION_OUTPUT`` or ``./output``, CUDA if
+available, a tqdm bar, and an interrupt flag set by ``request_interrupt()``.
 """
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 
 import torch
 
+from ..models.weights import EXAMPLES_DIR
 from ..models.weights import FOLDERS as KINDS
 from ..models.weights import search_dirs
+from ..render import to_pil
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = {".pt", ".pth", ".bin", ".safetensors"}
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "example_images"
 
-try:  # ComfyUI
+# ComfyUI's services once ComfyUI has loaded (its main.py imports both before any custom node). The host never
+# starts ComfyUI itself: a process that could merely import it (the command line, which may load it later as a
+# checkpoint loader) keeps the standalone services, and never runs ComfyUI's device set-up by importing the pack.
+IN_COMFYUI = "folder_paths" in sys.modules and "comfy.model_management" in sys.modules
+if IN_COMFYUI:
     import comfy.model_management as _mm
     import comfy.utils as _cu
     import folder_paths as _fp
-    IN_COMFYUI = True
     Interrupted = _mm.InterruptProcessingException
-except ImportError:
+else:
     _mm = _cu = _fp = None
-    IN_COMFYUI = False
 
     class Interrupted(Exception):
         """The run was cancelled (``request_interrupt()``); loaded models stay usable."""
@@ -51,11 +57,11 @@ def register() -> None:
         _fp.add_model_folder_path(kind, os.path.join(_fp.models_dir, kind))
         _fp.folder_names_and_paths[kind][1].update(EXTENSIONS)  # same set object: extended in place
     try:
-        input_dir = Path(_fp.get_input_directory())
+        target = input_dir()
         for png in EXAMPLES_DIR.glob("*.png"):
-            if not (input_dir / png.name).exists():
-                input_dir.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(png, input_dir / png.name)
+            if not (target / png.name).exists():
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(png, target / png.name)
     except OSError as e:
         log.warning("could not copy the Blended Diffusion example images to ComfyUI's input folder: %s", e)
 
@@ -82,6 +88,18 @@ def model_path(kind: str, name: str) -> str:
             return str(root / name)
     raise FileNotFoundError(f"{name!r} is not in {' or '.join(map(str, dirs))}: put the file there "
                             "(or point BLENDED_DIFFUSION_MODELS at a folder holding ddpm/ and clip_guidance/)")
+
+
+def output_dir() -> Path:
+    """Where files the nodes write go: ComfyUI's output folder; standalone $BLENDED_DIFFUSION_OUTPUT or ./output."""
+    if IN_COMFYUI:
+        return Path(_fp.get_output_directory())
+    return Path(os.environ.get("BLENDED_DIFFUSION_OUTPUT", "output"))
+
+
+def input_dir() -> Path | None:
+    """ComfyUI's input folder (also searched for files to read); None standalone."""
+    return Path(_fp.get_input_directory()) if IN_COMFYUI else None
 
 
 def torch_device() -> torch.device:
@@ -115,13 +133,6 @@ def check_interrupt() -> None:
         raise Interrupted("cancelled")
 
 
-def to_pil(x: torch.Tensor):
-    """First image of a [B, 3, H, W] batch in [-1, 1] as a PIL image."""
-    from PIL import Image
-    arr = ((x[0].detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr)
-
-
 class Progress:
     """``update(step, preview)``: step count out of ``total`` and an optional x̂0 preview ([B,3,H,W]
     in [-1, 1]); shown on the node in ComfyUI, as a tqdm bar standalone. Passing a different
@@ -145,7 +156,7 @@ class Progress:
         step = min(step, self.total)
         if IN_COMFYUI:
             self._bar.update_absolute(step, self.total,
-                                      None if preview is None else ("JPEG", to_pil(preview), 512))
+                                      None if preview is None else ("JPEG", to_pil((preview[0] + 1) / 2), 512))
         else:
             self._bar.update(step - self.step)
         self.step = step

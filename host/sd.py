@@ -1,0 +1,217 @@
+"""Stable Diffusion through ComfyUI: its MODEL / CLIP / VAE as the engine's protocols, and ComfyUI itself as a
+checkpoint loader for the command line.
+
+- ``SDModel``: a MODEL as the core's ``eps(x_t, t, context)`` (models/nulltext.py), with its DDIM schedule, its
+  VAE's latent space (``encode`` / ``decode``) and a cheap latent preview:
+  - the schedule from the model's own ``model_sampling``: ᾱ = 1 / (σ² + 1);
+  - ε from ``BaseModel.apply_model`` (which takes x in σ-space and returns the denoised x̂0):
+    x_in = x·sqrt(1 + σ²), ε = (x_in − x̂0) / σ — right for ε- and v-prediction models;
+  - latents in the model's space (``process_latent_in`` after the VAE, ``process_latent_out`` before it);
+  - prompt-to-prompt through ``set_model_attn1_replace`` / ``set_model_attn2_replace`` on a clone of the MODEL
+    (the incoming model is never modified).
+- ``encode_text`` / ``tokenized``: a prompt's context and its words, from ComfyUI's CLIP (one 77-token chunk).
+- ``invert_image``: NULL-text inversion of an IMAGE (models/inversion.py's ``invert`` between the text encoder and
+  the VAE), for the NullTextInvert node and ``fidelity --sd-checkpoint``.
+- ``import_comfyui`` / ``load_checkpoint``: the command line's way to ComfyUI (never installs it).
+SD1.x / SD2.x models only (4-channel latents, one cross-attention context, a discrete schedule).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..models import inversion
+from ..models import nulltext as nt
+from ..models import p2p
+from ..models.ddpm import thaw
+from ..models.inversion import Inversion
+
+log = logging.getLogger(__name__)
+
+
+class SDModel:
+    """A ComfyUI MODEL as the core's ``eps(x_t, t, context)``, loaded on its device.
+
+    With a controller (prompt-to-prompt) the MODEL is cloned and every transformer block's self- and
+    cross-attention is replaced by the controller's patch; the incoming MODEL is left as it was."""
+
+    def __init__(self, model, controller=None, grad: bool = False):
+        import comfy.model_management as mm  # the host's loader
+        self.patcher = model.clone() if controller is not None else model
+        if controller is not None:
+            for name, number in p2p.comfy_block_keys():
+                self.patcher.set_model_attn1_replace(p2p.attention_patch(controller, False), name, number)
+                self.patcher.set_model_attn2_replace(p2p.attention_patch(controller, True), name, number)
+        self.base = self.patcher.model
+        check_sd(self.base)
+        mm.load_models_gpu([self.patcher])
+        if grad:  # ComfyUI builds and moves models in inference mode: autograd cannot save those weights
+            thaw(self.base.diffusion_model)
+        self.device = self.patcher.load_device
+        ms = self.patcher.get_model_object("model_sampling")
+        sigmas = getattr(ms, "sigmas", None)
+        if sigmas is None or sigmas.ndim != 1 or sigmas.numel() < 2:
+            raise ValueError("this MODEL has no discrete noise schedule (model_sampling.sigmas): NULL-text "
+                             "inversion needs an SD1.x/SD2.x checkpoint")
+        with torch.inference_mode(False):
+            self.sigmas = sigmas.detach().float().clone().to(self.device)
+            self.alphas_cumprod = (1.0 / (sigmas.detach().double().cpu() ** 2 + 1)).clone()
+
+    def schedule(self, steps: int) -> nt.DDIMSchedule:
+        return nt.DDIMSchedule(steps, alphas_cumprod=self.alphas_cumprod)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        sigma = self.sigmas[t.to(self.sigmas.device)].to(x.device)
+        s = sigma.view(-1, 1, 1, 1).to(x.dtype)
+        x_in = x * (1 + s * s).sqrt()
+        options = dict(self.patcher.model_options.get("transformer_options", {}))  # the UNet writes into it
+        denoised = self.base.apply_model(x_in, sigma, c_crossattn=context, transformer_options=options)
+        return (x_in - denoised.to(x.dtype)) / s
+
+    def encode(self, vae, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """IMAGE [1, H, W, C] (or [H, W, C]) → (its latent in the model's space, the IMAGE the VAE saw: sides
+        cropped to a multiple of its downscale)."""
+        with torch.no_grad():
+            pixels = image[..., :3] if image.ndim == 4 else image[None, ..., :3]
+            z = vae.encode(pixels)
+            source = vae.vae_encode_crop_pixels(pixels) if hasattr(vae, "vae_encode_crop_pixels") else pixels
+            return self.base.process_latent_in(z.float()), source
+
+    def decode(self, vae, z: torch.Tensor) -> torch.Tensor:
+        """Model-space latents → IMAGE [B, H, W, 3]."""
+        with torch.no_grad():
+            img = vae.decode(self.base.process_latent_out(z.float()).to(torch.float32))
+        return img.float().cpu().clamp(0, 1)[..., :3]
+
+    def decode_pixels(self, vae, z: torch.Tensor) -> torch.Tensor:
+        """Model-space latents → [B, 3, H, W] in 0..1 (the engine's image layout)."""
+        return self.decode(vae, z).movedim(-1, 1)
+
+    def preview(self, z: torch.Tensor) -> torch.Tensor | None:
+        """A cheap RGB view of the last latent of a batch (the edit; [1, 3, 8h, 8w] in [−1, 1]) from the latent
+        format's factors."""
+        fmt = getattr(self.base, "latent_format", None)
+        factors = getattr(fmt, "latent_rgb_factors", None)
+        if factors is None:
+            return None
+        w = torch.tensor(factors, dtype=torch.float32, device=z.device)
+        if w.shape[0] != z.shape[1]:
+            return None
+        rgb = torch.einsum("bchw,cr->brhw", z[-1:].float(), w)
+        bias = getattr(fmt, "latent_rgb_factors_bias", None)
+        if bias is not None:
+            rgb = rgb + torch.tensor(bias, dtype=torch.float32, device=z.device).view(1, -1, 1, 1)
+        return F.interpolate(rgb, scale_factor=8, mode="nearest").clamp(-1, 1)
+
+
+def check_sd(base) -> None:
+    """SD1.x / SD2.x only: a 4-channel latent UNet with one cross-attention context and no extra vector."""
+    unet = getattr(base, "diffusion_model", None)
+    cfg = getattr(getattr(base, "model_config", None), "unet_config", {}) or {}
+    name = type(getattr(base, "model_config", None)).__name__
+    if unet is None or not hasattr(unet, "input_blocks") or cfg.get("in_channels", 4) != 4 or \
+            cfg.get("adm_in_channels") or getattr(base, "adm_channels", 0):
+        raise ValueError(f"NULL-text inversion supports Stable Diffusion 1.x/2.x checkpoints; this MODEL is "
+                         f"{name}: load an SD1.5/SD2.1 checkpoint with Load Checkpoint")
+
+
+def encode_text(clip, text: str) -> torch.Tensor:
+    """A prompt's cross-attention context [1, L, D] (float32, CPU); one 77-token chunk."""
+    tokens = clip.tokenize(text)
+    for key, chunks in tokens.items():
+        if len(chunks) != 1:
+            raise ValueError(f"the prompt {text!r} is longer than one 77-token chunk of the text encoder: "
+                             "shorten it (NULL-text inversion and prompt-to-prompt use a single chunk)")
+    out = clip.encode_from_tokens(tokens)
+    cond = out[0] if isinstance(out, (tuple, list)) else out
+    with torch.inference_mode(False):
+        return cond.detach().float().cpu().clone()
+
+
+def tokenized(clip, text: str) -> p2p.TokenizedPrompt:
+    """The prompt's words and BPE tokens for prompt-to-prompt, checked against the host's own tokenizer
+    (so the token positions the controller edits are the ones the text encoder sees)."""
+    tp = p2p.tokenize(text)
+    tokens = clip.tokenize(text)
+    seq = next(iter(tokens.values()))[0]
+    ids, weights = [], []
+    for item in seq:
+        tok = item[0]
+        ids.append(int(tok) if not torch.is_tensor(tok) or tok.numel() == 1 else -1)
+        weights.append(float(item[1]))
+    end = ids.index(p2p.EOT, 1) if p2p.EOT in ids[1:] else len(ids)
+    flat = [t for w in tp.tokens for t in w]
+    if ids[:1] != [p2p.SOT] or ids[1:end] != flat or any(w != 1.0 for w in weights[:end + 1]):
+        raise ValueError(f"prompt-to-prompt needs plain prompts: {text!r} uses prompt weights, embeddings or "
+                         "text the tokenizers split differently; remove (word:weight) and embedding: syntax")
+    return tp
+
+
+def invert_image(sd: SDModel, clip, vae, image: torch.Tensor, prompt: str, *, steps: int = 50, guidance: float = 7.5,
+                 inner_steps: int = 10, global_null: bool = False, callback=None,
+                 started: float | None = None) -> tuple[Inversion, torch.Tensor]:
+    """NULL-text inversion of one IMAGE captioned ``prompt`` (models/inversion.py's ``invert`` between ComfyUI's
+    text encoder and VAE): (the inversion, its reconstruction as an IMAGE). ``callback(done, total, latent)`` as
+    the engine's (``total`` = ``invert_steps(...)``); ``started``: the ``time.perf_counter()`` the caller's run
+    began at (its total_s; default now). Its info adds the reconstruction's mean absolute pixel error."""
+    started = time.perf_counter() if started is None else started
+    cond, uncond = encode_text(clip, prompt), encode_text(clip, "")
+    z0, source = sd.encode(vae, image)
+    inv, rec = inversion.invert(sd, z0, cond, uncond, prompt=prompt, source=source, steps=steps, guidance=guidance,
+                                inner_steps=inner_steps, global_null=global_null, callback=callback)
+    recon = sd.decode(vae, rec)
+    inv.info["pixel_mae"] = float((recon - inv.source).abs().mean()) if recon.shape == inv.source.shape else None
+    inv.info["total_s"] = round(time.perf_counter() - started, 3)
+    log.info("NULL-text inversion: %d steps, latent MSE %.3g, %.1f s", steps, inv.info["latent_mse"],
+             inv.info["total_s"])
+    return inv, recon
+
+
+# --------------------------------------------------------------------------------------------- the command line
+def import_comfyui(path: str | None, device) -> None:
+    """Make ComfyUI importable: ``path`` (or $COMFYUI_PATH) is added to sys.path, and without a CUDA device
+    ComfyUI runs on the CPU (its --cpu, set before comfy.model_management is imported). Never installs it.
+    ValueError: ``path`` is no ComfyUI installation; ImportError: ComfyUI does not import with this Python."""
+    path = path or os.environ.get("COMFYUI_PATH") or None
+    where = ""
+    if path:
+        root = Path(path).expanduser().resolve()
+        if not (root / "comfy" / "sd.py").is_file():
+            raise ValueError(f"{path}: not a ComfyUI installation (it has no comfy/sd.py)")
+        if str(root) not in sys.path:
+            sys.path.append(str(root))
+        where = f" at {root}"
+    try:
+        from comfy.cli_args import args as comfy_args
+        if "comfy.model_management" not in sys.modules and (device.type == "cpu" or not torch.cuda.is_available()):
+            comfy_args.cpu = True
+        import comfy.model_management  # noqa: F401
+        import comfy.sd  # noqa: F401
+    except ImportError as e:
+        if not path:
+            raise ImportError(f"ComfyUI is not importable here ({e})") from None
+        raise ImportError(f"ComfyUI{where} does not import with this Python ({e})") from None
+
+
+def load_checkpoint(path: Path):
+    """(MODEL, CLIP, VAE) of a Stable Diffusion checkpoint, loaded as ComfyUI's Load Checkpoint does.
+    ValueError (starting with the path) for a file ComfyUI cannot load or that lacks a part."""
+    import comfy.sd
+    try:
+        out = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True,
+                                                    embedding_directory=None)
+    except Exception as e:  # ComfyUI raises RuntimeError and others for files it cannot read
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: ComfyUI could not load it ({first}); give a Stable Diffusion "
+                         "1.x/2.x checkpoint") from None
+    model, clip, vae = out[:3]
+    if model is None or clip is None or vae is None or getattr(vae, "first_stage_model", True) is None:  # no VAE keys
+        raise ValueError(f"{path}: the file lacks the UNet, text encoder or VAE: give a full "
+                         "Stable Diffusion 1.x/2.x checkpoint")
+    return model, clip, vae

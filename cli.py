@@ -1,4 +1,4 @@
-"""Command line: ``python -m blended_diffusion {edit,extrapolate,rank,fidelity,run,weights} ...``
+"""Command line: ``python -m blended_diffusion {edit,extrapolate,rank,fidelity,run,weights,bench} ...``
 (also installed as the ``blended-diffusion`` console script).
 
 ``edit`` takes the official code's flags with their defaults (omriav/blended-diffusion main.py), so an
@@ -24,7 +24,7 @@ summary = logging.getLogger("blended_diffusion.cli.summary")  # final lines, to 
 PACK_ROOT = Path(__file__).resolve().parent
 EXAMPLES_DIR = PACK_ROOT / "example_images"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-SUBCOMMANDS = ("edit", "extrapolate", "rank", "fidelity", "run", "weights")
+SUBCOMMANDS = ("edit", "extrapolate", "rank", "fidelity", "run", "weights", "bench")
 
 # The bundled example that `edit` / `extrapolate` use without -i: (image, mask, prompt), first found.
 EXAMPLE_CANDIDATES = (
@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "found. With --download, fetches missing ones (checked by sha256).")
     w.add_argument("--download", action="store_true", help="download the missing default files")
     w.add_argument("--include_512", action="store_true", help="also the 512x512 class-conditional model")
+
+    from .bench.command import add_parser as add_bench_parser  # bench/: dataset-scale runs, local or on Ray
+    add_bench_parser(sub)
     return parser
 
 
@@ -1199,8 +1202,13 @@ def cmd_weights(args) -> int:
     return 1 if missing else 0
 
 
+def cmd_bench(args) -> int:
+    from .bench.command import cmd_bench as run
+    return run(args)
+
+
 COMMANDS = {"edit": cmd_edit, "extrapolate": cmd_extrapolate, "rank": cmd_rank, "fidelity": cmd_fidelity,
-            "run": cmd_run, "weights": cmd_weights}
+            "run": cmd_run, "weights": cmd_weights, "bench": cmd_bench}
 
 
 @contextlib.contextmanager

@@ -92,7 +92,7 @@ class Output:
             row["image"] = rel.as_posix()
         else:
             row["image"] = None
-        row["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        row["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
         row = _json_value(row)
         self.dir.mkdir(parents=True, exist_ok=True)
         with self.path.open("a+b") as f:

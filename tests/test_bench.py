@@ -404,6 +404,14 @@ def test_changed_settings_are_refused_and_errors_are_clear(tmp_path, models, mon
     assert 'pip install "comfyui-blended-diffusion[ray]"' in err[0]
 
 
+def test_benchmark_script_smoke(tmp_path):
+    """tests/benchmark_bench.py runs (the local runner only here; no timing is asserted)."""
+    import benchmark_bench
+    res, = benchmark_bench.main(["--items", "3", "--size", "64", "--skip", "8", "--views", "2", "--runners", "local",
+                                 "--work-dir", str(tmp_path)])
+    assert res["items"] == 3 and res["workers"] == 1 and res["s_per_item"] > 0 and res["edit_s"] > 0
+
+
 # --- Ray ----------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_case(tmp_path_factory, models):

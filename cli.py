@@ -3,7 +3,8 @@
 
 ``edit`` takes the official code's flags with their defaults (omriav/blended-diffusion main.py), so an
 old command line can be pasted after ``edit`` (or with no subcommand at all). Only ``fidelity --sd-checkpoint``
-imports ComfyUI (it loads Stable Diffusion checkpoints through ``comfy.sd``); everything else runs without it.
+and ``bench --sd-checkpoint`` import ComfyUI (they load Stable Diffusion checkpoints through ``comfy.sd``);
+everything else runs without it. ``bench`` lives in bench/ (command.py registers it here).
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
-"""Command line: ``python -m blended_diffusion {edit,extrapolate,rank,fidelity,run,weights} ...``
+"""Command line: ``python -m blended_diffusion {edit,extrapolate,rank,fidelity,run,weights,bench} ...``
 (also installed as the ``blended-diffusion`` console script).
 
 ``edit`` takes the official code's flags with their defaults (omriav/blended-diffusion main.py), so an
 old command line can be pasted after ``edit`` (or with no subcommand at all). Only ``fidelity --sd-checkpoint``
-imports ComfyUI (host/sd.py loads Stable Diffusion checkpoints through ``comfy.sd``); everything else runs without it.
+and ``bench --sd-checkpoint`` import ComfyUI (host/sd.py loads Stable Diffusion checkpoints through ``comfy.sd``);
+everything else runs without it. ``bench`` lives in bench/ (command.py registers it here).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ log = logging.getLogger("blended_diffusion.cli")
 summary = logging.getLogger("blended_diffusion.cli.summary")  # final lines, to stdout
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-SUBCOMMANDS = ("edit", "extrapolate", "rank", "fidelity", "run", "weights")
+SUBCOMMANDS = ("edit", "extrapolate", "rank", "fidelity", "run", "weights", "bench")
 
 # The bundled example that `edit` / `extrapolate` use without -i: (image, mask, prompt), first found.
 EXAMPLE_CANDIDATES = (
@@ -270,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "found. With --download, fetches missing ones (checked by sha256).")
     w.add_argument("--download", action="store_true", help="download the missing default files")
     w.add_argument("--include_512", action="store_true", help="also the 512x512 class-conditional model")
+
+    from .bench.command import add_parser as add_bench_parser  # bench/: dataset-scale runs, local or on Ray
+    add_bench_parser(sub)
     return parser
 
 
@@ -991,6 +995,17 @@ COMFYUI_FIX = ("--sd-checkpoint loads the Stable Diffusion checkpoint with Comfy
                "requirements (pip install -r DIR/requirements.txt)")
 
 
+def import_comfyui(path: str | None, device) -> None:
+    """Load ComfyUI through the host adapter (host/sd.py); its errors as one CLI error line."""
+    from .host import sd as host_sd
+    try:
+        host_sd.import_comfyui(path, device)
+    except ValueError as e:
+        raise CLIError(f"--comfyui {e}. {COMFYUI_FIX}") from None
+    except ImportError as e:
+        raise CLIError(f"{e}. {COMFYUI_FIX}") from None
+
+
 def center_crop(x, ratio: int):
     """[B, C, H, W] → sides cropped to multiples of ``ratio`` around the centre (as ComfyUI's VAE encode)."""
     h, w = x.shape[-2:]
@@ -1120,13 +1135,7 @@ def cmd_fidelity(args) -> int:
 
     device = resolve_device(args.device, args.gpu_id)
     if sd_mode:  # before any model is loaded: a missing ComfyUI fails fast
-        from .host import sd as host_sd
-        try:
-            host_sd.import_comfyui(args.comfyui, device)
-        except ValueError as e:
-            raise CLIError(f"--comfyui {e}. {COMFYUI_FIX}") from None
-        except ImportError as e:
-            raise CLIError(f"{e}. {COMFYUI_FIX}") from None
+        import_comfyui(args.comfyui, device)
     image = load_image(args.init_image) if args.init_image is not None and inv_file is None else None
     mask = None
     if args.mask is not None and image is not None:
@@ -1357,8 +1366,13 @@ def cmd_weights(args) -> int:
     return 1 if missing else 0
 
 
+def cmd_bench(args) -> int:
+    from .bench.command import cmd_bench as run
+    return run(args)
+
+
 COMMANDS = {"edit": cmd_edit, "extrapolate": cmd_extrapolate, "rank": cmd_rank, "fidelity": cmd_fidelity,
-            "run": cmd_run, "weights": cmd_weights}
+            "run": cmd_run, "weights": cmd_weights, "bench": cmd_bench}
 
 
 @contextlib.contextmanager

@@ -9,26 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from .blended import blended_diffusion, generators
-from .clip import ClipModel, d_clip
+from .clip import ClipModel
 from .edit import check_finite, grad_mode
-from .guidance import Guide, lpips_model
+from .guidance import Guide
+from .metrics import clip_distance as clip_scores  # noqa: F401  (the ranking score, used here and by callers)
+from .metrics import lpips_distance, unedited
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def clip_scores(clip: ClipModel, images: torch.Tensor, mask: torch.Tensor | None,
-                prompt: str) -> torch.Tensor:
-    """D_CLIP of each image under the mask (no augmentations), with CLIP's own normalisation
-    (the official ranking skips it). Lower is better. Returns [B] float32 on the CPU."""
-    x = images.to(clip.device).float() * 2 - 1
-    if mask is not None:
-        m = mask.to(x).reshape(-1, 1, *mask.shape[-2:])
-        if m.shape[-2:] != x.shape[-2:]:
-            m = F.interpolate(m, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        x = x * m
-    with torch.inference_mode(False):
-        return d_clip(clip.encode_image(clip.preprocess(x)), clip.encode_text(prompt)).cpu()
 
 
 def rank(clip: ClipModel, images: torch.Tensor, mask: torch.Tensor | None, prompt: str):
@@ -42,11 +29,9 @@ def evaluate(images: torch.Tensor, source: torch.Tensor, mask: torch.Tensor,
              clip: ClipModel | None = None, prompt: str = "") -> list[dict]:
     """Per result: CLIP distance to the prompt under the mask, LPIPS and max |difference| outside
     the mask versus the source (0 means the background is exactly preserved)."""
-    m = mask.reshape(-1, 1, *mask.shape[-2:]).to(images)
-    bg, src_bg = images * (1 - m), source.to(images) * (1 - m)
+    bg, src_bg = unedited(images, mask), unedited(source.to(images), mask)
     max_abs = (bg - src_bg).abs().amax(dim=(1, 2, 3))
-    with torch.inference_mode(False):
-        lp = lpips_model()(bg * 2 - 1, src_bg.expand_as(bg) * 2 - 1).flatten()
+    lp = lpips_distance(bg, src_bg.expand_as(bg))
     dist = clip_scores(clip, images, mask, prompt) if (clip is not None and prompt) else None
     return [{"clip_distance": None if dist is None else float(dist[i]), "lpips_bg": float(lp[i]),
              "max_abs_bg": float(max_abs[i])} for i in range(images.shape[0])]

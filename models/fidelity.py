@@ -55,14 +55,11 @@ def measure(images: torch.Tensor, source: torch.Tensor, clip, prompt: str,
             mask: torch.Tensor | None) -> list[tuple[float, float]]:
     """(LPIPS to the source over the whole image, CLIP distance to the prompt inside the mask, or over the whole
     image without one) per image."""
-    from .apps import clip_scores
-    from .guidance import lpips_model
+    from .metrics import clip_distance, lpips_distance
     if source.shape[-2:] != images.shape[-2:]:
         source = F.interpolate(source.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
-    with torch.inference_mode(False), torch.no_grad():
-        x = images.detach().float().cpu()
-        lp = lpips_model()(x * 2 - 1, source.detach().float().cpu().expand_as(x) * 2 - 1).flatten()
-    dist = clip_scores(clip, images, mask, prompt)
+    lp = lpips_distance(images, source)
+    dist = clip_distance(clip, images, mask, prompt)
     return [(float(lp[i]), float(dist[i])) for i in range(images.shape[0])]
 
 

@@ -44,10 +44,15 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-@functools.lru_cache(maxsize=2)
 def lpips_model(net: str = "vgg"):
-    """LPIPS for the Algorithm 1 background loss and the evaluation. Its backbone comes from
-    torchvision's pretrained weights; BLENDED_DIFFUSION_LPIPS_RANDOM=1 builds it untrained (tests)."""
+    """LPIPS for the Algorithm 1 background loss and the evaluation (models/metrics.py). Its backbone comes from
+    torchvision's pretrained weights; BLENDED_DIFFUSION_LPIPS_RANDOM=1 builds it untrained (tests). One model
+    per network, however it is named in the call (``lpips_model()`` and ``lpips_model("vgg")`` share it)."""
+    return _lpips_model(net)
+
+
+@functools.lru_cache(maxsize=3)
+def _lpips_model(net: str):
     import os
 
     import lpips

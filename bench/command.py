@@ -214,9 +214,10 @@ def cmd_bench(args) -> int:
         log.warning(note)
         notes.append(note)
     if work:  # the weight files (downloaded if missing) only when there is something to run
+        ddpm_file, clip_file = cli.resolve_weights(args, need_ddpm=config.ddpm is not None, need_clip=True)
         if config.ddpm is not None:
-            config.ddpm = str(cli.weight_path(args.model, key, args.offline))
-        config.clip = str(cli.weight_path(args.clip, "clip", args.offline))
+            config.ddpm = str(ddpm_file)
+        config.clip = str(clip_file)
         out.dir.mkdir(parents=True, exist_ok=True)
         cli.write_json(out.dir / RUN_FILE, record)
     t0 = time.time()

@@ -108,6 +108,6 @@ def guided_eps(ddpm, x, i, guide: Guide, source, mask, gens, y=None):
     with torch.set_grad_enabled(not guide.fast):
         eps, v = ddpm.eps_and_var(x, i, y)
     x0 = ddpm.pred_xstart(x, i, eps)
-    loss = guidance_loss(guide, x0, x, ddpm.sched["sqrt_1m_ac"][i], source, mask, mats)
+    loss = guidance_loss(guide, x0, x, ddpm.schedule.sqrt_1m_ac[i], source, mask, mats)
     grad = -torch.autograd.grad(loss, x)[0]
     return eps.detach(), None if v is None else v.detach(), grad

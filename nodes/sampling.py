@@ -3,15 +3,12 @@ the sampler that repeats the step (Algorithms 1-3 of the paper)."""
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
 from ..models import AugmentSettings, Guide, edit
 from ..models.augment import extending_augmentations, random_homographies
-from ..models.edit import check_inputs
-from ..models.nulltext import pixel_x_start
-from ..models.region import crop, plan_box
+from ..models.edit import check_inputs, run_steps, seeded, start_noise
 from .. import host
 from .common import (AUGMENT_T, BLEND_T, CATEGORY, CLIP_T, CONTEXT_TIP, DDPM_T, MAX_SEED, NOISE_T, STEP_T,
                      BlendRule, GuidedStep, NoiseState, bchw_to_image, check_ranges, checked_image,
@@ -69,13 +66,12 @@ class NoiseImage:
         x = checked_image(image, "NoiseImage")
         skip = skip_for(ddpm.num_steps, skip_timesteps, strength)
         k = ddpm.num_steps - skip
-        gen = torch.Generator().manual_seed(int(noise_seed) & (2**63 - 1))
-        fixed = torch.randn((1, 3, ddpm.image_size, ddpm.image_size), generator=gen) if fixed_noise else None
+        gen = seeded(noise_seed)
+        fixed = start_noise(ddpm.image_size, noise_seed, gen) if fixed_noise else None  # first from the stream
         eps = torch.randn(x.shape, generator=gen)
-        sched = {n: ddpm.sched[n][k - 1].cpu() for n in ("sqrt_ac", "sqrt_1m_ac")}
-        xk = sched["sqrt_ac"] * (x * 2 - 1) + sched["sqrt_1m_ac"] * eps
+        xk = ddpm.q_sample((x * 2 - 1).to(ddpm.device), k - 1, eps.to(ddpm.device)).cpu()
         state = NoiseState(image=x, skip_timesteps=skip, num_steps=ddpm.num_steps, noise=fixed,
-                           invert=bool(ddim_inversion))
+                           invert=bool(ddim_inversion), noise_seed=int(noise_seed))
         return state, bchw_to_image((xk + 1) / 2)
 
 
@@ -289,39 +285,18 @@ class BlendedDiffusionSampler:
             m = None if mask is None else mask_to_bhw(mask)
         image, m = check_inputs(image, m, ddpm, noise.skip_timesteps, batch_size)
         same_device(ddpm, guide.clip)
-        k = ddpm.num_steps - noise.skip_timesteps
-        n_images = image.shape[0]
-        bar = host.progress(k * n_images * math.ceil(batch_size / 64))
-        done = [0]
+        bar = host.progress(run_steps(ddpm, image.shape[0], noise.skip_timesteps, batch_size, start=noise.start))
 
-        def callback(step_done, total, x0):
-            done[0] += 1
-            bar.update(done[0], x0)
+        def callback(done, total, x):
+            bar.update(done, x, total)
             host.check_interrupt()
 
-        kw = dict(skip_timesteps=noise.skip_timesteps, seed=seed, batch_size=batch_size,
-                  ddim=sampler == "DDIM", blend=blend is not None,
-                  enforce_background=blend.enforce_background if blend is not None else False,
-                  class_label=None if class_label < 0 else class_label, context=context, callback=callback)
         try:
-            if noise.noise is None and not noise.invert:
-                out = edit(ddpm, image, m, guide, **kw)
-            else:  # the same x_k for every result: built on each image's own crop
-                outs = []
-                for b in range(n_images):
-                    mb = m[min(b, m.shape[0] - 1)]
-                    if noise.invert:
-                        x_start = pixel_x_start(ddpm, image[b:b + 1], mb[None], noise.skip_timesteps,
-                                                batch_size=batch_size, context=context,
-                                                class_label=kw["class_label"])
-                    else:
-                        box = plan_box(mb, ddpm.image_size, context)
-                        src = crop(image[b:b + 1], box, ddpm.image_size) * 2 - 1
-                        with torch.inference_mode(False):
-                            x_start = ddpm.q_sample(src.to(ddpm.device), k - 1, noise.noise.to(ddpm.device))
-                        x_start = x_start.expand(batch_size, -1, -1, -1)
-                    outs.append(edit(ddpm, image[b:b + 1], mb[None], guide, x_start=x_start, **kw))
-                out = torch.cat(outs)
+            out = edit(ddpm, image, m, guide, skip_timesteps=noise.skip_timesteps, seed=seed, batch_size=batch_size,
+                       ddim=sampler == "DDIM", blend=blend is not None,
+                       enforce_background=blend.enforce_background if blend is not None else False,
+                       class_label=None if class_label < 0 else class_label, context=context,
+                       start=noise.start, noise_seed=noise.noise_seed, callback=callback)
         finally:
             bar.close()
             host.free_memory()

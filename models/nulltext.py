@@ -79,10 +79,6 @@ class DDIMSchedule:
         self.timesteps = [min((k - 1) * ratio + self.steps_offset, train - 1) for k in range(1, self.steps + 1)]
         self.levels = [float(ac[0])] + [float(ac[t]) for t in self.timesteps]
 
-    @property
-    def train_steps(self) -> int:
-        return self.alphas_cumprod.shape[0]
-
     def t(self, k: int, n: int, device) -> torch.Tensor:
         """Timestep t_k as a LongTensor [n] (k = 1..N)."""
         return torch.full((n,), self.timesteps[k - 1], dtype=torch.long, device=device)

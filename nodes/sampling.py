@@ -9,6 +9,7 @@ import torch
 from ..models import AugmentSettings, Guide, edit
 from ..models.augment import extending_augmentations, random_homographies
 from ..models.edit import check_inputs, run_steps, seeded, start_noise
+from ..models.guidance import LOSS_TERMS
 from .. import host
 from .common import (AUGMENT_T, BLEND_T, CATEGORY, CLIP_T, CONTEXT_TIP, DDPM_T, MAX_SEED, NOISE_T, STEP_T,
                      BlendRule, GuidedStep, NoiseState, bchw_to_image, check_ranges, checked_image,
@@ -129,6 +130,15 @@ class ExtendingAugment:
         return s, bchw_to_image(views)
 
 
+PAPER_TERMS = 4  # clip, range, lpips, l2: the widgets before 'fast'
+
+
+def loss_widgets(terms) -> dict:
+    """One FLOAT widget per guidance loss term (models.guidance.LOSS_TERMS)."""
+    return {t.weight: ("FLOAT", {"default": t.node[0], "min": 0.0, "max": t.node[1], "step": t.node[2],
+                                 "tooltip": t.node[3]}) for t in terms}
+
+
 class CLIPGuidedStep:
     @classmethod
     def INPUT_TYPES(cls):
@@ -137,19 +147,11 @@ class CLIPGuidedStep:
             "prompt": ("STRING", {"default": "", "multiline": True, "tooltip":
                 "What the masked region should become. Empty = no guidance: the region is filled to "
                 "match its surroundings (object removal)."}),
-            "clip_lambda": ("FLOAT", {"default": 1000.0, "min": 0.0, "max": 100000.0, "step": 10.0, "tooltip":
-                "Weight of the CLIP loss (paper: 1000). Higher follows the prompt harder, with more artefacts."}),
-            "range_lambda": ("FLOAT", {"default": 50.0, "min": 0.0, "max": 10000.0, "step": 1.0, "tooltip":
-                "Weight of the range loss that keeps x̂0 inside [-1, 1] (paper: 50)."}),
-            "lpips_lambda": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100000.0, "step": 10.0, "tooltip":
-                "Algorithm 1 background preservation: LPIPS to the source outside the mask (official: "
-                "1000 when on). Not needed with MaskBlend."}),
-            "l2_lambda": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000000.0, "step": 100.0, "tooltip":
-                "Algorithm 1 background preservation: MSE to the source outside the mask (official: "
-                "10000 when on). Not needed with MaskBlend."}),
+            **loss_widgets(LOSS_TERMS[:PAPER_TERMS]),
             "fast": ("BOOLEAN", {"default": False, "tooltip":
                 "Skip the backward pass through the UNet (gradient through x̂0's linear part only): "
                 "about twice as fast, somewhat weaker guidance."}),
+            **loss_widgets(LOSS_TERMS[PAPER_TERMS:]),  # after 'fast': saved workflows keep their positions
         }, "optional": {
             "clip": (CLIP_T, {"tooltip": "CLIP model for the prompt (needed unless the prompt is empty)."}),
             "augment": (AUGMENT_T, {"tooltip": "Extending augmentations; 8 default views if unconnected."}),
@@ -162,16 +164,17 @@ class CLIPGuidedStep:
     CATEGORY = f"{CATEGORY}/guidance"
     DESCRIPTION = "One CLIP-guided denoising step: DDPM/DDIM update steered by the CLIP gradient of the masked x̂0."
 
-    def step(self, ddpm, prompt="", clip_lambda=1000.0, range_lambda=50.0, lpips_lambda=0.0, l2_lambda=0.0,
-             fast=False, clip=None, augment=None):
-        check_ranges(CLIPGuidedStep, clip_lambda=clip_lambda, range_lambda=range_lambda,
-                     lpips_lambda=lpips_lambda, l2_lambda=l2_lambda)
-        if prompt.strip() and clip is None and clip_lambda != 0:
+    def step(self, ddpm, prompt="", fast=False, clip=None, augment=None, **weights):
+        unknown = set(weights) - {t.weight for t in LOSS_TERMS}
+        if unknown:
+            raise TypeError(f"CLIPGuidedStep has no input {sorted(unknown)}; its loss weights are "
+                            f"{[t.weight for t in LOSS_TERMS]}")
+        weights = {t.weight: weights.get(t.weight, t.node[0]) for t in LOSS_TERMS}  # node defaults
+        check_ranges(CLIPGuidedStep, **weights)
+        if prompt.strip() and clip is None and weights["clip_lambda"] != 0:
             raise ValueError("CLIPGuidedStep: a prompt needs a CLIP model: connect a LoadCLIP node to "
                              "'clip', or clear the prompt for unguided filling (object removal)")
-        guide = Guide(clip=clip, prompt=prompt.strip(), clip_lambda=clip_lambda, range_lambda=range_lambda,
-                      augment=augment or AugmentSettings(), lpips_lambda=lpips_lambda, l2_lambda=l2_lambda,
-                      fast=fast)
+        guide = Guide(clip=clip, prompt=prompt.strip(), augment=augment or AugmentSettings(), fast=fast, **weights)
         return (GuidedStep(ddpm, guide),)
 
 

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .ddpm import ddim_move
 from .guidance import Guide, guided_eps, to_device
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,11 @@ def ddpm_step(ddpm, x, i, eps, v, grad, noise):
 
 def ddim_step(ddpm, x, i, eps, grad):
     """ε̂ = ε − sqrt(1−ᾱ_t)∇;  x_{t−1} = sqrt(ᾱ_{t−1})·x̂0(ε̂) + sqrt(1−ᾱ_{t−1})·ε̂  (eta 0,
-    guided-diffusion's ddim_sample with condition_score)."""
-    s = ddpm.sched
+    guided-diffusion's ddim_sample with condition_score; the formula is models.ddpm.ddim_move)."""
+    s = ddpm.schedule
     if grad is not None:
-        eps = eps - s["sqrt_1m_ac"][i] * grad
-    x0 = ddpm.pred_xstart(x, i, eps)
-    return s["ac_prev"][i].sqrt() * x0 + (1 - s["ac_prev"][i]).sqrt() * eps
+        eps = eps - s.sqrt_1m_ac[i] * grad
+    return ddim_move(x, eps, s.ac[i], s.ac_prev[i], x0=s.pred_xstart(x, i, eps))
 
 
 def blended_diffusion(ddpm, source: torch.Tensor, mask: torch.Tensor, guide: Guide, k: int,

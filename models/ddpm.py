@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, fields
 
 import warnings
 
@@ -82,29 +83,116 @@ def infer_unet_config(sd: dict[str, torch.Tensor], image_size: int | None = None
                 use_new_attention_order=(size == 64), dropout=0.0, **heads)
 
 
+def _sqrt(a):
+    return a.sqrt() if torch.is_tensor(a) else math.sqrt(a)
+
+
+def ddim_move(x: torch.Tensor, eps: torch.Tensor, a_from, a_to, x0: torch.Tensor | None = None) -> torch.Tensor:
+    """The one DDIM update (eta 0) of the pack, either direction: from noise level ``a_from`` (ᾱ) to
+    ``a_to`` along ε. x̂0 = (x − sqrt(1−a_from)·ε) / sqrt(a_from), or ``x0`` when the caller has it
+    (the pixel sampler's precomputed coefficients); then sqrt(a_to)·x̂0 + sqrt(1−a_to)·ε.
+    Levels are floats (the latent ``nulltext.DDIMSchedule``) or 0-dim tensors (the pixel ``Schedule``)."""
+    if x0 is None:
+        x0 = (x - _sqrt(1 - a_from) * eps) / _sqrt(a_from)
+    return _sqrt(a_to) * x0 + _sqrt(1 - a_to) * eps
+
+
+@dataclass
+class Schedule:
+    """The respaced pixel schedule of a guided-diffusion DDPM, one float32 tensor per quantity, indexed
+    by the spaced step i (0 = least noise). Built once from guided-diffusion's SpacedDiffusion
+    (``from_diffusion``) so that a step does no numpy→device copy; the math matches guided-diffusion's
+    ``q_sample`` / ``p_mean_variance`` / ``ddim_sample``."""
+    timestep_map: torch.Tensor  # the timestep the UNet sees (rescaled to 0..1000)
+    ac: torch.Tensor            # ᾱ_i
+    ac_prev: torch.Tensor       # ᾱ_{i−1} (1 at i = 0)
+    sqrt_ac: torch.Tensor
+    sqrt_1m_ac: torch.Tensor    # sqrt(1 − ᾱ_i), also the guidance loss's x_in factor
+    sqrt_recip_ac: torch.Tensor
+    sqrt_recipm1_ac: torch.Tensor
+    coef1: torch.Tensor         # posterior mean coefficients
+    coef2: torch.Tensor
+    post_log_var: torch.Tensor  # posterior log-variance (clipped)
+    log_betas: torch.Tensor
+    fixed_log_var: torch.Tensor  # FIXED_LARGE log-variance (models without learned sigma)
+
+    @classmethod
+    def from_diffusion(cls, d: SpacedDiffusion, device="cpu") -> "Schedule":
+        f = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=torch.float32)  # noqa: E731
+        t = torch.as_tensor(d.timestep_map, dtype=torch.float32)
+        if d.rescale_timesteps:
+            t = t * (1000.0 / d.original_num_steps)
+        with torch.inference_mode(False):
+            return cls(timestep_map=t, ac=f(d.alphas_cumprod), ac_prev=f(d.alphas_cumprod_prev),
+                       sqrt_ac=f(d.sqrt_alphas_cumprod), sqrt_1m_ac=f(d.sqrt_one_minus_alphas_cumprod),
+                       sqrt_recip_ac=f(d.sqrt_recip_alphas_cumprod),
+                       sqrt_recipm1_ac=f(d.sqrt_recipm1_alphas_cumprod),
+                       coef1=f(d.posterior_mean_coef1), coef2=f(d.posterior_mean_coef2),
+                       post_log_var=f(d.posterior_log_variance_clipped), log_betas=f(np.log(d.betas)),
+                       fixed_log_var=f(np.log(np.append(d.posterior_variance[1], d.betas[1:])))).to(device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def _map(self, fn) -> "Schedule":
+        with torch.inference_mode(False):
+            return Schedule(*map(fn, self.tensors()))
+
+    def to(self, device) -> "Schedule":
+        return self._map(lambda v: v.to(device))
+
+    def thaw(self) -> "Schedule":
+        """A copy usable by autograd (a host may have made the tensors in inference mode)."""
+        return self._map(lambda v: v.clone() if v.is_inference() else v)
+
+    def timestep(self, i: int, n: int) -> torch.Tensor:
+        """The timestep the UNet sees at spaced index i, for a batch of n (guided-diffusion's _WrappedModel)."""
+        return self.timestep_map[i].expand(n)
+
+    def q_sample(self, x0: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:
+        """x_i ~ N(sqrt(ᾱ_i) x0, (1-ᾱ_i) I); i = -1 means clean."""
+        if i < 0:
+            return x0
+        return self.sqrt_ac[i] * x0 + self.sqrt_1m_ac[i] * noise
+
+    def pred_xstart(self, x: torch.Tensor, i: int, eps: torch.Tensor) -> torch.Tensor:
+        """x̂0 from ε (eq. 5 of the paper)."""
+        return self.sqrt_recip_ac[i] * x - self.sqrt_recipm1_ac[i] * eps
+
+    def posterior(self, x: torch.Tensor, i: int, x0: torch.Tensor, var_values: torch.Tensor | None):
+        """Mean and log-variance of p(x_{i-1} | x_i) (guided-diffusion p_mean_variance)."""
+        mean = self.coef1[i] * x0 + self.coef2[i] * x
+        if var_values is None:
+            return mean, self.fixed_log_var[i].expand_as(x)
+        frac = (var_values + 1) / 2
+        return mean, frac * self.log_betas[i] + (1 - frac) * self.post_log_var[i]
+
+
 @dataclass
 class DDPM:
-    """A guided-diffusion UNet plus its (respaced) schedule as device tensors."""
+    """A guided-diffusion UNet plus its (respaced) ``Schedule`` on the model's device."""
     model: UNetModel
     diffusion: SpacedDiffusion
     config: dict
     precision: str = "fp32"
     path: str = ""
-    sched: dict = field(default_factory=dict)
+    schedule: Schedule | None = None
     noise_schedule: str = "linear"
+
+    def __post_init__(self):
+        if self.schedule is None:
+            self.schedule = Schedule.from_diffusion(self.diffusion, self.device)
 
     def respaced(self, respacing: str, precision: str | None = None) -> "DDPM":
         """Another schedule/precision over the same (shared) UNet weights."""
         diffusion = make_diffusion(respacing, noise_schedule=self.noise_schedule, learn_sigma=self.learn_sigma)
-        with torch.inference_mode(False):
-            sched = schedule_tensors(diffusion, self.device)
-        return DDPM(self.model, diffusion, self.config, precision or self.precision, self.path, sched,
-                    self.noise_schedule)
+        return DDPM(self.model, diffusion, self.config, precision or self.precision, self.path,
+                    noise_schedule=self.noise_schedule)
 
     def thaw(self) -> "DDPM":
         """Make weights and schedule usable by autograd after a host touched them in inference mode."""
         thaw(self.model)
-        self.sched = thaw_tensors(self.sched)
+        self.schedule = self.schedule.thaw()
         return self
 
     @property
@@ -130,7 +218,7 @@ class DDPM:
     def to(self, device) -> "DDPM":
         with torch.inference_mode(False):
             self.model.to(device)
-            self.sched = {k: v.to(device) for k, v in self.sched.items()}
+        self.schedule = self.schedule.to(device)
         return self
 
     def autocast(self):
@@ -138,37 +226,45 @@ class DDPM:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
 
-    def model_timestep(self, i: int, n: int) -> torch.Tensor:
-        """The timestep the UNet sees at spaced index i (guided-diffusion's _WrappedModel)."""
-        return self.sched["timestep_map"][i].expand(n)
-
     def eps_and_var(self, x: torch.Tensor, i: int, y: torch.Tensor | None = None):
         """One UNet forward: (eps, variance-interpolation values or None), both float32."""
         with self.autocast():
-            out = self.model(x, self.model_timestep(i, x.shape[0]), y=y).float()
+            out = self.model(x, self.schedule.timestep(i, x.shape[0]), y=y).float()
         if self.learn_sigma:
             return out.split(x.shape[1], dim=1)
         return out, None
 
+    # the schedule's math, where the algorithms read it (models/blended.py)
+    def q_sample(self, x0, i, noise):
+        return self.schedule.q_sample(x0, i, noise)
+
     def pred_xstart(self, x, i, eps):
-        s = self.sched
-        return s["sqrt_recip_ac"][i] * x - s["sqrt_recipm1_ac"][i] * eps
+        return self.schedule.pred_xstart(x, i, eps)
 
     def posterior(self, x, i, x0, var_values):
-        """Mean and log-variance of p(x_{i-1} | x_i) (guided-diffusion p_mean_variance)."""
-        s = self.sched
-        mean = s["coef1"][i] * x0 + s["coef2"][i] * x
-        if var_values is None:
-            return mean, s["fixed_log_var"][i].expand_as(x)
-        frac = (var_values + 1) / 2
-        return mean, frac * s["log_betas"][i] + (1 - frac) * s["post_log_var"][i]
+        return self.schedule.posterior(x, i, x0, var_values)
 
-    def q_sample(self, x0, i, noise):
-        """x_i ~ N(sqrt(ᾱ_i) x0, (1-ᾱ_i) I); i = -1 means clean."""
-        if i < 0:
-            return x0
-        s = self.sched
-        return s["sqrt_ac"][i] * x0 + s["sqrt_1m_ac"][i] * noise
+
+@torch.no_grad()
+def ddim_invert_pixel(ddpm: DDPM, x0: torch.Tensor, k: int, y: torch.Tensor | None = None,
+                      callback=None) -> torch.Tensor:
+    """Deterministic DDIM inversion (eta 0) of the pixel DDPM: x0 [B, 3, S, S] in [−1, 1] → x at spaced
+    step k−1 (level ᾱ[k−1]), the start of k sampling steps instead of q_sample
+    (``edit(..., start="ddim_inversion")``).
+
+    Step i (0..k−1) goes from level ᾱ_prev[i] (ᾱ_prev[0] = 1, the clean image) to ᾱ[i] with ε from one
+    UNet call at spaced timestep i: guided-diffusion's ddim_reverse_sample math, with the destination's
+    timestep (as DDIM inversion for SD does). ``callback(done, k, x)`` after each step."""
+    if not 1 <= k <= ddpm.num_steps:
+        raise ValueError(f"k = {k}: it must be in 1..{ddpm.num_steps} (the model's respaced steps)")
+    s = ddpm.schedule
+    x = x0.detach().clone().float().to(ddpm.device)
+    for i in range(k):
+        eps, _ = ddpm.eps_and_var(x, i, y)
+        x = ddim_move(x, eps, s.ac_prev[i], s.ac[i])
+        if callback is not None:
+            callback(i + 1, k, x)
+    return x
 
 
 def thaw(module: torch.nn.Module) -> torch.nn.Module:
@@ -188,22 +284,6 @@ def thaw(module: torch.nn.Module) -> torch.nn.Module:
 def thaw_tensors(d: dict) -> dict:
     with torch.inference_mode(False):
         return {k: v.clone() if v.is_inference() else v for k, v in d.items()}
-
-
-def schedule_tensors(diffusion: SpacedDiffusion, device="cpu") -> dict:
-    d = diffusion
-    f = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=torch.float32)  # noqa: E731
-    fixed_large = np.log(np.append(d.posterior_variance[1], d.betas[1:]))
-    t = torch.as_tensor(d.timestep_map, dtype=torch.float32)
-    if d.rescale_timesteps:
-        t = t * (1000.0 / d.original_num_steps)
-    s = dict(timestep_map=t, ac=f(d.alphas_cumprod), ac_prev=f(d.alphas_cumprod_prev),
-             sqrt_ac=f(d.sqrt_alphas_cumprod), sqrt_1m_ac=f(d.sqrt_one_minus_alphas_cumprod),
-             sqrt_recip_ac=f(d.sqrt_recip_alphas_cumprod), sqrt_recipm1_ac=f(d.sqrt_recipm1_alphas_cumprod),
-             coef1=f(d.posterior_mean_coef1), coef2=f(d.posterior_mean_coef2),
-             post_log_var=f(d.posterior_log_variance_clipped), log_betas=f(np.log(d.betas)),
-             fixed_log_var=f(fixed_large))
-    return {k: v.to(device) for k, v in s.items()}
 
 
 def make_diffusion(respacing: str = "100", steps: int = 1000, noise_schedule: str = "linear",
@@ -248,6 +328,4 @@ def load_ddpm(path: str, respacing: str = "100", precision: str = "fp32", device
     log.info("loaded %s: %s, %d steps (%s), %s", path, {k: cfg[k] for k in
              ("image_size", "model_channels", "channel_mult", "num_classes")},
              diffusion.num_timesteps, respacing, precision)
-    with torch.inference_mode(False):
-        sched = schedule_tensors(diffusion, device)
-    return DDPM(model, diffusion, cfg, precision, path, sched, schedule)
+    return DDPM(model, diffusion, cfg, precision, path, noise_schedule=schedule)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 
 import torch
 
 from .blended import StepCallback, blended_diffusion, generators
+from .ddpm import ddim_invert_pixel
 from .guidance import Guide
 from .memory import OOM_FIXES, keeping_freed_memory, out_of_memory, return_freed_memory
 from .region import crop, paste, plan_box
@@ -73,16 +75,86 @@ def check_inputs(image: torch.Tensor, mask: torch.Tensor | None, ddpm, skip_time
     return image, mask
 
 
+STARTS = ("noise", "fixed", "ddim_inversion")
+
+
+def run_steps(ddpm, images: int, skip_timesteps: int, batch_size: int, *, max_batch: int = 64,
+              start: str = "noise") -> int:
+    """How many times ``edit`` calls its callback for these settings (the progress total): k denoising
+    steps per batch of at most ``max_batch`` results, plus k inversion steps per image for
+    ``start="ddim_inversion"``. An out-of-memory split adds k per extra batch (the callback's total grows)."""
+    k = ddpm.num_steps - skip_timesteps
+    return images * k * (math.ceil(batch_size / max_batch) + (start == "ddim_inversion"))
+
+
+def start_noise(size: int, noise_seed: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The fixed ε of ``start="fixed"``: [1, 3, size, size] drawn first from noise_seed's CPU generator
+    (pass ``generator`` to keep drawing from the same stream afterwards, as NoiseImage's preview does)."""
+    gen = generator or seeded(noise_seed)
+    return torch.randn((1, 3, size, size), generator=gen)
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed) & (2**63 - 1))
+
+
+def inversion_label(ddpm, class_label: int | None) -> torch.Tensor | None:
+    """The class a deterministic inversion uses: class-conditional models need a fixed one."""
+    if ddpm.num_classes is None:
+        return None
+    if class_label is None or not 0 <= class_label < ddpm.num_classes:
+        raise ValueError(f"a class-conditional model needs a fixed class_label in 0..{ddpm.num_classes - 1} "
+                         "for a deterministic inversion (and the same label in the edit)")
+    return torch.full((1,), class_label, dtype=torch.long, device=ddpm.device)
+
+
+def start_state(ddpm, source: torch.Tensor, k: int, start: str, *, noise_seed: int = 0,
+                class_label: int | None = None, callback: StepCallback | None = None) -> torch.Tensor | None:
+    """x_k for one working crop ``source`` [1, 3, S, S] in [−1, 1]: None for "noise" (each result draws
+    its own in blended_diffusion), q_sample with the fixed ε of noise_seed for "fixed", the DDIM inversion
+    of the source for "ddim_inversion"."""
+    if start == "noise":
+        return None
+    if start == "fixed":
+        return ddpm.q_sample(source, k - 1, start_noise(ddpm.image_size, noise_seed).to(source.device))
+    return ddim_invert_pixel(ddpm, source, k, inversion_label(ddpm, class_label), callback)
+
+
 def edit(ddpm, image: torch.Tensor, mask: torch.Tensor | None, guide: Guide, *,
          skip_timesteps: int = 25, seed: int = 404, batch_size: int = 1, ddim: bool = False,
          blend: bool = True, enforce_background: bool = True, class_label: int | None = None,
-         context: float = 0.25, max_batch: int = 64, x_start: torch.Tensor | None = None,
-         callback: StepCallback | None = None) -> torch.Tensor:
+         context: float = 0.25, max_batch: int = 64, start: str = "noise", noise_seed: int = 0,
+         x_start: torch.Tensor | None = None, callback: StepCallback | None = None) -> torch.Tensor:
     """Text-driven edit of every image in ``image``: ``batch_size`` results per image, returned as
     [B·batch_size, 3, H, W] in 0..1. Result j of image b uses the generator (seed, b·batch_size + j).
-    With ``blend=False`` this is Algorithm 1 (local CLIP-guided diffusion)."""
+    With ``blend=False`` this is Algorithm 1 (local CLIP-guided diffusion).
+
+    The start state x_k of each image's results (``start``): "noise" = q_sample with each result's own
+    noise (the paper), "fixed" = the same ε for every result, drawn from ``noise_seed``, "ddim_inversion" =
+    the deterministic DDIM inversion of the source (k more UNet calls; class-conditional models need
+    ``class_label``). ``x_start`` [batch_size, 3, S, S] gives x_k directly (every image starts from it).
+    ``callback(done, total, x)`` after every step of the run (total: ``run_steps``)."""
+    if start not in STARTS:
+        raise ValueError(f"start = {start!r}: use one of {', '.join(STARTS)}")
     image, mask = check_inputs(image, mask, ddpm, skip_timesteps, batch_size)
+    if x_start is not None:
+        if start != "noise":
+            raise ValueError(f"give either x_start or start = {start!r}, not both")
+        want = (3, ddpm.image_size, ddpm.image_size)
+        if x_start.ndim != 4 or x_start.shape[0] not in (1, batch_size) or tuple(x_start.shape[1:]) != want:
+            raise ValueError(f"x_start must be [1 or batch_size={batch_size}, {want[0]}, {want[1]}, {want[2]}] "
+                             f"(the model's resolution), got {tuple(x_start.shape)}")
+    if start == "ddim_inversion":
+        inversion_label(ddpm, class_label)  # refused before any work
     device, size, k = ddpm.device, ddpm.image_size, ddpm.num_steps - skip_timesteps
+    progress = [0, run_steps(ddpm, image.shape[0], skip_timesteps, batch_size, max_batch=max_batch, start=start)]
+
+    def step_done(_step, _total, x):
+        progress[0] += 1
+        progress[1] = max(progress)
+        if callback is not None:
+            callback(progress[0], progress[1], x)
+
     outputs = []
     with grad_mode(), keeping_freed_memory(device):
         ddpm.thaw()
@@ -98,6 +170,10 @@ def edit(ddpm, image: torch.Tensor, mask: torch.Tensor | None, guide: Guide, *,
             box = plan_box(m.cpu(), size, context)
             source = crop(img, box, size) * 2 - 1
             m_small = crop(m[None, None], box, size)
+            x_k = x_start if x_start is not None else start_state(
+                ddpm, source, k, start, noise_seed=noise_seed, class_label=class_label, callback=step_done)
+            if x_k is not None:
+                x_k = x_k.expand(batch_size, -1, -1, -1)
             done, chunk = 0, min(batch_size, max_batch)
             while done < batch_size:
                 n = min(chunk, batch_size - done)
@@ -106,8 +182,8 @@ def edit(ddpm, image: torch.Tensor, mask: torch.Tensor | None, guide: Guide, *,
                         ddpm, source.expand(n, -1, -1, -1), m_small, guide, k,
                         generators(seed, b * batch_size + done, n), ddim=ddim, blend=blend,
                         enforce_background=enforce_background, class_label=class_label,
-                        x_start=None if x_start is None else x_start[done:done + n].to(device).clone(),
-                        callback=callback)
+                        x_start=None if x_k is None else x_k[done:done + n].to(device).clone(),
+                        callback=step_done)
                 except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
                     kind = out_of_memory(e)
                     if kind is None:
@@ -120,6 +196,7 @@ def edit(ddpm, image: torch.Tensor, mask: torch.Tensor | None, guide: Guide, *,
                         raise RuntimeError(f"out of memory with a batch of 1, most likely: {OOM_FIXES} ({first}: "
                                            "oneDNN's error when it cannot allocate its memory)") from e
                     chunk = max(1, n // 2)
+                    progress[1] += k * (math.ceil((batch_size - done) / chunk) - math.ceil((batch_size - done) / n))
                     log.warning("%s at batch %d: retrying in batches of %d", "out of memory" if kind == "sure" else
                                 f"{first} (usually out of memory)", n, chunk)
                     gc.collect()  # the failed attempt's tensors may sit in reference cycles (frames, tracebacks)
@@ -134,3 +211,19 @@ def edit(ddpm, image: torch.Tensor, mask: torch.Tensor | None, guide: Guide, *,
                 outputs.append(paste(img, (x0.detach() + 1) / 2, box, keep[None, None]).cpu())
                 done += n
     return torch.cat(outputs)
+
+
+def pixel_x_start(ddpm, image: torch.Tensor, mask: torch.Tensor | None, skip_timesteps: int, *,
+                  batch_size: int = 1, context: float = 0.25, class_label: int | None = None,
+                  callback: StepCallback | None = None) -> torch.Tensor:
+    """The ``x_start`` of ``start="ddim_inversion"`` on its own: the DDIM inversion of the very crop
+    edit() works on, repeated batch_size times. image [1, 3, H, W] in 0..1 (one image); mask as for edit()."""
+    image, mask = check_inputs(image, mask, ddpm, skip_timesteps, batch_size)
+    if image.shape[0] != 1:
+        raise ValueError(f"{image.shape[0]} images: invert one image at a time (edit() starts every "
+                         "image from the same x_start)")
+    size = ddpm.image_size
+    source = crop(image.to(ddpm.device), plan_box(mask[0].cpu(), size, context), size) * 2 - 1
+    x = start_state(ddpm, source, ddpm.num_steps - skip_timesteps, "ddim_inversion", class_label=class_label,
+                    callback=callback)
+    return x.expand(batch_size, -1, -1, -1).clone()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ class Guide:
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     lpips_lambda: float = 0.0  # Algorithm 1 background preservation (LPIPS term)
     l2_lambda: float = 0.0     # Algorithm 1 background preservation (MSE term)
+    # (every λ above is one entry of LOSS_TERMS below)
     fast: bool = False         # skip the UNet backward: ∂x̂0/∂x_t taken as its linear part only
 
     @property
@@ -29,7 +31,7 @@ class Guide:
 
     @property
     def active(self) -> bool:
-        return self.uses_clip or self.lpips_lambda != 0 or self.l2_lambda != 0
+        return self.uses_clip or any(getattr(self, t.weight) != 0 for t in LOSS_TERMS if not t.with_clip)
 
     def __post_init__(self):
         if self.prompt.strip() and self.clip is None and self.clip_lambda != 0:
@@ -66,29 +68,69 @@ def _lpips_model(net: str):
                            "cache ($TORCH_HOME/hub/checkpoints)") from None
 
 
+@dataclass
+class LossInputs:
+    """What a loss term sees at one step: x̂0, x_t, x_in = x̂0·fac + x_t·(1−fac), the source and the mask
+    at the model's resolution (all [B, 3, S, S] in [−1, 1] but the mask), and the augmentation matrices."""
+    guide: Guide
+    x0: torch.Tensor
+    x: torch.Tensor
+    x_in: torch.Tensor
+    source: torch.Tensor
+    mask: torch.Tensor
+    mats: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One term of the guidance loss: λ · Σ_batch ``fn(inputs)``, λ being the Guide field ``weight``.
+    ``node`` is its widget on CLIPGuidedStep (default, max, step, tooltip), in this order."""
+    weight: str
+    fn: Callable[[LossInputs], torch.Tensor]  # one value per result, [B] (or [B, 1, 1, 1])
+    node: tuple[float, float, float, str]
+    with_clip: bool = False  # applied whenever the CLIP loss is (prompt, CLIP model, clip_lambda ≠ 0)
+
+
+def _clip_term(i: LossInputs) -> torch.Tensor:
+    clip = i.guide.clip
+    masked = F.interpolate(i.x_in * i.mask, size=(clip.input_size,) * 2, mode="bilinear",
+                           align_corners=False, antialias=True)
+    views = extending_augmentations(masked, i.mats)                 # [B*N, 3, S, S]
+    emb = clip.encode_image(clip.preprocess(views))                 # all views, one CLIP call
+    return d_clip(emb, clip.encode_text(i.guide.prompt)).view(i.x.shape[0], -1).mean(1)
+
+
+def _background(i: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    return i.x_in * (1 - i.mask), i.source * (1 - i.mask)          # Algorithm 1: D_bg outside the mask
+
+
+# The guidance loss, term by term (a new loss: a Guide field for its λ and one entry here; the
+# CLIPGuidedStep node shows every entry as a widget).
+LOSS_TERMS = (
+    LossTerm("clip_lambda", _clip_term, (1000.0, 100000.0, 10.0,
+             "Weight of the CLIP loss (paper: 1000). Higher follows the prompt harder, with more artefacts."),
+             with_clip=True),
+    LossTerm("range_lambda", lambda i: (i.x0 - i.x0.clamp(-1, 1)).pow(2).mean((1, 2, 3)), (50.0, 10000.0, 1.0,
+             "Weight of the range loss that keeps x̂0 inside [-1, 1] (paper: 50)."), with_clip=True),
+    LossTerm("lpips_lambda", lambda i: lpips_model().to(i.x.device)(*_background(i)), (0.0, 100000.0, 10.0,
+             "Algorithm 1 background preservation: LPIPS to the source outside the mask (official: "
+             "1000 when on). Not needed with MaskBlend.")),
+    LossTerm("l2_lambda", lambda i: (lambda bg, src: (bg - src).pow(2).mean((1, 2, 3)))(*_background(i)),
+             (0.0, 1000000.0, 100.0, "Algorithm 1 background preservation: MSE to the source outside the "
+                                     "mask (official: 10000 when on). Not needed with MaskBlend.")),
+)
+
+
 def guidance_loss(guide: Guide, x0: torch.Tensor, x: torch.Tensor, fac: torch.Tensor,
                   source: torch.Tensor, mask: torch.Tensor, mats: torch.Tensor | None) -> torch.Tensor:
-    """Summed over the batch, so each result's gradient depends on that result alone.
-
-    x_in = x̂0·fac + x_t·(1−fac), fac = sqrt(1−ᾱ_t), as in the official code."""
-    x_in = x0 * fac + x * (1 - fac)
+    """Σ over LOSS_TERMS of λ · (term summed over the batch), so each result's gradient depends on that
+    result alone. x_in = x̂0·fac + x_t·(1−fac), fac = sqrt(1−ᾱ_t), as in the official code."""
+    inputs = LossInputs(guide, x0, x, x0 * fac + x * (1 - fac), source, mask, mats)
     loss = x.new_zeros(())
-    if guide.uses_clip:
-        clip = guide.clip
-        masked = F.interpolate(x_in * mask, size=(clip.input_size,) * 2, mode="bilinear",
-                               align_corners=False, antialias=True)
-        views = extending_augmentations(masked, mats)                   # [B*N, 3, S, S]
-        emb = clip.encode_image(clip.preprocess(views))                 # all views, one CLIP call
-        dist = d_clip(emb, clip.encode_text(guide.prompt)).view(x.shape[0], -1).mean(1)
-        loss = loss + dist.sum() * guide.clip_lambda
-        loss = loss + (x0 - x0.clamp(-1, 1)).pow(2).mean((1, 2, 3)).sum() * guide.range_lambda
-    if guide.lpips_lambda or guide.l2_lambda:  # Algorithm 1: D_bg outside the mask
-        bg, src_bg = x_in * (1 - mask), source * (1 - mask)
-        if guide.lpips_lambda:
-            lp = lpips_model().to(x.device)
-            loss = loss + lp(bg, src_bg).sum() * guide.lpips_lambda
-        if guide.l2_lambda:
-            loss = loss + (bg - src_bg).pow(2).mean((1, 2, 3)).sum() * guide.l2_lambda
+    for term in LOSS_TERMS:
+        weight = getattr(guide, term.weight)
+        if guide.uses_clip if term.with_clip else weight != 0:
+            loss = loss + term.fn(inputs).sum() * weight
     return loss
 
 
@@ -108,6 +150,6 @@ def guided_eps(ddpm, x, i, guide: Guide, source, mask, gens, y=None):
     with torch.set_grad_enabled(not guide.fast):
         eps, v = ddpm.eps_and_var(x, i, y)
     x0 = ddpm.pred_xstart(x, i, eps)
-    loss = guidance_loss(guide, x0, x, ddpm.sched["sqrt_1m_ac"][i], source, mask, mats)
+    loss = guidance_loss(guide, x0, x, ddpm.schedule.sqrt_1m_ac[i], source, mask, mats)
     grad = -torch.autograd.grad(loss, x)[0]
     return eps.detach(), None if v is None else v.detach(), grad

@@ -1,5 +1,5 @@
-"""NULL-text inversion (Mokady et al.) over a host-agnostic protocol, plus DDIM inversion of the
-guided-diffusion pixel DDPM.
+"""NULL-text inversion (Mokady et al.) over a host-agnostic protocol (the pixel DDPM's DDIM inversion is
+models.ddpm.ddim_invert_pixel).
 
 Protocol
 --------
@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .ddpm import ddim_move as ddim_step  # the one DDIM formula, between the latent levels a_k
 from .edit import grad_mode
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,7 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor], None]
 
 __all__ = ["DDIMSchedule", "ddim_step", "ddim_invert", "null_text_optimize", "null_text_optimize_global",
-           "ddim_sample_cfg", "sdedit", "sdedit_start_step", "ddim_invert_pixel", "pixel_x_start", "EpsFn",
-           "Callback"]
+           "ddim_sample_cfg", "sdedit", "sdedit_start_step", "EpsFn", "Callback"]
 
 
 # --------------------------------------------------------------------------------------------- schedule
@@ -79,10 +79,6 @@ class DDIMSchedule:
         self.timesteps = [min((k - 1) * ratio + self.steps_offset, train - 1) for k in range(1, self.steps + 1)]
         self.levels = [float(ac[0])] + [float(ac[t]) for t in self.timesteps]
 
-    @property
-    def train_steps(self) -> int:
-        return self.alphas_cumprod.shape[0]
-
     def t(self, k: int, n: int, device) -> torch.Tensor:
         """Timestep t_k as a LongTensor [n] (k = 1..N)."""
         return torch.full((n,), self.timesteps[k - 1], dtype=torch.long, device=device)
@@ -91,12 +87,6 @@ class DDIMSchedule:
         """z at level k: sqrt(a_k)·z0 + sqrt(1−a_k)·noise (k = 0 is level ᾱ[0], not exactly clean)."""
         a = self.levels[k]
         return math.sqrt(a) * z0 + math.sqrt(1 - a) * noise
-
-
-def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_from: float, a_to: float) -> torch.Tensor:
-    """Deterministic DDIM move between two noise levels (either direction), eta 0."""
-    x0 = (x - math.sqrt(1 - a_from) * eps) / math.sqrt(a_from)
-    return math.sqrt(a_to) * x0 + math.sqrt(1 - a_to) * eps
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -319,56 +309,3 @@ def sdedit(eps: EpsFn, schedule: DDIMSchedule, z0: torch.Tensor, cond: torch.Ten
             noise = torch.randn(z0.shape, generator=generator, dtype=z0.dtype).to(z0.device)
         start_latent = schedule.q_sample(z0, k, noise)
     return ddim_sample_cfg(eps, schedule, start_latent, cond, uncond, guidance, start, controller, callback)
-
-
-# --------------------------------------------------------------------------------------------- pixel DDPM
-@torch.no_grad()
-def ddim_invert_pixel(ddpm, x0: torch.Tensor, k: int, y: torch.Tensor | None = None,
-                      callback: Callback | None = None) -> torch.Tensor:
-    """Deterministic DDIM inversion (eta 0) of a guided-diffusion DDPM (models.ddpm.DDPM):
-    x0 [B, 3, S, S] in [−1, 1] → x at spaced step k−1 (level ᾱ[k−1]), the latent that
-    ``blended_diffusion(..., k, x_start=…, ddim=True)`` / ``edit(..., skip_timesteps=num_steps−k,
-    x_start=…)`` starts from, instead of q_sample.
-
-    k steps, mirroring the k sampling steps: step i (0..k−1) goes from level ᾱ_prev[i] (ᾱ_prev[0] = 1,
-    the clean image) to ᾱ[i] with x̂0 and ε from one UNet call at spaced timestep i — guided-diffusion's
-    ddim_reverse_sample math, with the destination's timestep (as DDIM inversion for SD does)."""
-    if not 1 <= k <= ddpm.num_steps:
-        raise ValueError(f"k = {k}: it must be in 1..{ddpm.num_steps} (the model's respaced steps)")
-    s = ddpm.sched
-    x = x0.detach().clone().float().to(ddpm.device)
-    for i in range(k):
-        eps, _ = ddpm.eps_and_var(x, i, y)
-        a_from, a_to = s["ac_prev"][i], s["ac"][i]
-        x0_pred = (x - (1 - a_from).sqrt() * eps) / a_from.sqrt()
-        x = a_to.sqrt() * x0_pred + (1 - a_to).sqrt() * eps
-        if callback is not None:
-            callback(i + 1, k, x)
-    return x
-
-
-def pixel_x_start(ddpm, image: torch.Tensor, mask: torch.Tensor | None, skip_timesteps: int, *,
-                  batch_size: int = 1, context: float = 0.25, class_label: int | None = None,
-                  callback: Callback | None = None) -> torch.Tensor:
-    """``x_start`` for ``models.edit.edit(ddpm, image, mask, …, skip_timesteps, batch_size,
-    context, x_start=…)``: the DDIM inversion of the very crop edit() works on (same plan_box / crop),
-    repeated batch_size times. image [1, 3, H, W] in 0..1 (edit() uses one x_start for every image, so
-    invert one image at a time); mask as for edit(). A class-conditional model needs ``class_label``
-    (edit() must then get the same label)."""
-    from .edit import check_inputs
-    from .region import crop, plan_box
-    image, mask = check_inputs(image, mask, ddpm, skip_timesteps, batch_size)
-    if image.shape[0] != 1:
-        raise ValueError(f"{image.shape[0]} images: invert one image at a time (edit() starts every "
-                         "image from the same x_start)")
-    y = None
-    if ddpm.num_classes is not None:
-        if class_label is None or not 0 <= class_label < ddpm.num_classes:
-            raise ValueError(f"a class-conditional model needs a fixed class_label in 0..{ddpm.num_classes - 1} "
-                             "for a deterministic inversion (and the same label in the edit)")
-        y = torch.full((1,), class_label, dtype=torch.long, device=ddpm.device)
-    size = ddpm.image_size
-    box = plan_box(mask[0].cpu(), size, context)
-    source = crop(image.to(ddpm.device), box, size) * 2 - 1
-    x = ddim_invert_pixel(ddpm, source, ddpm.num_steps - skip_timesteps, y, callback)
-    return x.expand(batch_size, -1, -1, -1).clone()

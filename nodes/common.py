@@ -33,8 +33,14 @@ class NoiseState:
     image: torch.Tensor            # [B, 3, H, W] 0..1
     skip_timesteps: int
     num_steps: int                 # of the DDPM it was made for
-    noise: torch.Tensor | None     # [1, 3, S, S] fixed ε for x_k, or None: each result draws its own
-    invert: bool = False           # x_k = DDIM inversion of the source (deterministic), not q_sample
+    noise: torch.Tensor | None     # [1, 3, S, S] fixed ε for x_k (edit's start="fixed"), or None
+    invert: bool = False           # x_k = DDIM inversion of the source (edit's start="ddim_inversion")
+    noise_seed: int = 0            # the seed the fixed ε is drawn from (edit's noise_seed)
+
+    @property
+    def start(self) -> str:
+        """edit()'s ``start`` argument."""
+        return "ddim_inversion" if self.invert else "noise" if self.noise is None else "fixed"
 
 
 @dataclass

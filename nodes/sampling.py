@@ -3,15 +3,13 @@ the sampler that repeats the step (Algorithms 1-3 of the paper)."""
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
 from ..models import AugmentSettings, Guide, edit
 from ..models.augment import extending_augmentations, random_homographies
-from ..models.edit import check_inputs
-from ..models.nulltext import pixel_x_start
-from ..models.region import crop, plan_box
+from ..models.edit import check_inputs, run_steps, seeded, start_noise
+from ..models.guidance import LOSS_TERMS
 from .. import host
 from .common import (AUGMENT_T, BLEND_T, CATEGORY, CLIP_T, CONTEXT_TIP, DDPM_T, MAX_SEED, NOISE_T, STEP_T,
                      BlendRule, GuidedStep, NoiseState, bchw_to_image, check_ranges, checked_image,
@@ -69,13 +67,12 @@ class NoiseImage:
         x = checked_image(image, "NoiseImage")
         skip = skip_for(ddpm.num_steps, skip_timesteps, strength)
         k = ddpm.num_steps - skip
-        gen = torch.Generator().manual_seed(int(noise_seed) & (2**63 - 1))
-        fixed = torch.randn((1, 3, ddpm.image_size, ddpm.image_size), generator=gen) if fixed_noise else None
+        gen = seeded(noise_seed)
+        fixed = start_noise(ddpm.image_size, noise_seed, gen) if fixed_noise else None  # first from the stream
         eps = torch.randn(x.shape, generator=gen)
-        sched = {n: ddpm.sched[n][k - 1].cpu() for n in ("sqrt_ac", "sqrt_1m_ac")}
-        xk = sched["sqrt_ac"] * (x * 2 - 1) + sched["sqrt_1m_ac"] * eps
+        xk = ddpm.q_sample((x * 2 - 1).to(ddpm.device), k - 1, eps.to(ddpm.device)).cpu()
         state = NoiseState(image=x, skip_timesteps=skip, num_steps=ddpm.num_steps, noise=fixed,
-                           invert=bool(ddim_inversion))
+                           invert=bool(ddim_inversion), noise_seed=int(noise_seed))
         return state, bchw_to_image((xk + 1) / 2)
 
 
@@ -133,6 +130,15 @@ class ExtendingAugment:
         return s, bchw_to_image(views)
 
 
+PAPER_TERMS = 4  # clip, range, lpips, l2: the widgets before 'fast'
+
+
+def loss_widgets(terms) -> dict:
+    """One FLOAT widget per guidance loss term (models.guidance.LOSS_TERMS)."""
+    return {t.weight: ("FLOAT", {"default": t.node[0], "min": 0.0, "max": t.node[1], "step": t.node[2],
+                                 "tooltip": t.node[3]}) for t in terms}
+
+
 class CLIPGuidedStep:
     @classmethod
     def INPUT_TYPES(cls):
@@ -141,19 +147,11 @@ class CLIPGuidedStep:
             "prompt": ("STRING", {"default": "", "multiline": True, "tooltip":
                 "What the masked region should become. Empty = no guidance: the region is filled to "
                 "match its surroundings (object removal)."}),
-            "clip_lambda": ("FLOAT", {"default": 1000.0, "min": 0.0, "max": 100000.0, "step": 10.0, "tooltip":
-                "Weight of the CLIP loss (paper: 1000). Higher follows the prompt harder, with more artefacts."}),
-            "range_lambda": ("FLOAT", {"default": 50.0, "min": 0.0, "max": 10000.0, "step": 1.0, "tooltip":
-                "Weight of the range loss that keeps x̂0 inside [-1, 1] (paper: 50)."}),
-            "lpips_lambda": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100000.0, "step": 10.0, "tooltip":
-                "Algorithm 1 background preservation: LPIPS to the source outside the mask (official: "
-                "1000 when on). Not needed with MaskBlend."}),
-            "l2_lambda": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000000.0, "step": 100.0, "tooltip":
-                "Algorithm 1 background preservation: MSE to the source outside the mask (official: "
-                "10000 when on). Not needed with MaskBlend."}),
+            **loss_widgets(LOSS_TERMS[:PAPER_TERMS]),
             "fast": ("BOOLEAN", {"default": False, "tooltip":
                 "Skip the backward pass through the UNet (gradient through x̂0's linear part only): "
                 "about twice as fast, somewhat weaker guidance."}),
+            **loss_widgets(LOSS_TERMS[PAPER_TERMS:]),  # after 'fast': saved workflows keep their positions
         }, "optional": {
             "clip": (CLIP_T, {"tooltip": "CLIP model for the prompt (needed unless the prompt is empty)."}),
             "augment": (AUGMENT_T, {"tooltip": "Extending augmentations; 8 default views if unconnected."}),
@@ -166,16 +164,17 @@ class CLIPGuidedStep:
     CATEGORY = f"{CATEGORY}/guidance"
     DESCRIPTION = "One CLIP-guided denoising step: DDPM/DDIM update steered by the CLIP gradient of the masked x̂0."
 
-    def step(self, ddpm, prompt="", clip_lambda=1000.0, range_lambda=50.0, lpips_lambda=0.0, l2_lambda=0.0,
-             fast=False, clip=None, augment=None):
-        check_ranges(CLIPGuidedStep, clip_lambda=clip_lambda, range_lambda=range_lambda,
-                     lpips_lambda=lpips_lambda, l2_lambda=l2_lambda)
-        if prompt.strip() and clip is None and clip_lambda != 0:
+    def step(self, ddpm, prompt="", fast=False, clip=None, augment=None, **weights):
+        unknown = set(weights) - {t.weight for t in LOSS_TERMS}
+        if unknown:
+            raise TypeError(f"CLIPGuidedStep has no input {sorted(unknown)}; its loss weights are "
+                            f"{[t.weight for t in LOSS_TERMS]}")
+        weights = {t.weight: weights.get(t.weight, t.node[0]) for t in LOSS_TERMS}  # node defaults
+        check_ranges(CLIPGuidedStep, **weights)
+        if prompt.strip() and clip is None and weights["clip_lambda"] != 0:
             raise ValueError("CLIPGuidedStep: a prompt needs a CLIP model: connect a LoadCLIP node to "
                              "'clip', or clear the prompt for unguided filling (object removal)")
-        guide = Guide(clip=clip, prompt=prompt.strip(), clip_lambda=clip_lambda, range_lambda=range_lambda,
-                      augment=augment or AugmentSettings(), lpips_lambda=lpips_lambda, l2_lambda=l2_lambda,
-                      fast=fast)
+        guide = Guide(clip=clip, prompt=prompt.strip(), augment=augment or AugmentSettings(), fast=fast, **weights)
         return (GuidedStep(ddpm, guide),)
 
 
@@ -289,39 +288,18 @@ class BlendedDiffusionSampler:
             m = None if mask is None else mask_to_bhw(mask)
         image, m = check_inputs(image, m, ddpm, noise.skip_timesteps, batch_size)
         same_device(ddpm, guide.clip)
-        k = ddpm.num_steps - noise.skip_timesteps
-        n_images = image.shape[0]
-        bar = host.progress(k * n_images * math.ceil(batch_size / 64))
-        done = [0]
+        bar = host.progress(run_steps(ddpm, image.shape[0], noise.skip_timesteps, batch_size, start=noise.start))
 
-        def callback(step_done, total, x0):
-            done[0] += 1
-            bar.update(done[0], x0)
+        def callback(done, total, x):
+            bar.update(done, x, total)
             host.check_interrupt()
 
-        kw = dict(skip_timesteps=noise.skip_timesteps, seed=seed, batch_size=batch_size,
-                  ddim=sampler == "DDIM", blend=blend is not None,
-                  enforce_background=blend.enforce_background if blend is not None else False,
-                  class_label=None if class_label < 0 else class_label, context=context, callback=callback)
         try:
-            if noise.noise is None and not noise.invert:
-                out = edit(ddpm, image, m, guide, **kw)
-            else:  # the same x_k for every result: built on each image's own crop
-                outs = []
-                for b in range(n_images):
-                    mb = m[min(b, m.shape[0] - 1)]
-                    if noise.invert:
-                        x_start = pixel_x_start(ddpm, image[b:b + 1], mb[None], noise.skip_timesteps,
-                                                batch_size=batch_size, context=context,
-                                                class_label=kw["class_label"])
-                    else:
-                        box = plan_box(mb, ddpm.image_size, context)
-                        src = crop(image[b:b + 1], box, ddpm.image_size) * 2 - 1
-                        with torch.inference_mode(False):
-                            x_start = ddpm.q_sample(src.to(ddpm.device), k - 1, noise.noise.to(ddpm.device))
-                        x_start = x_start.expand(batch_size, -1, -1, -1)
-                    outs.append(edit(ddpm, image[b:b + 1], mb[None], guide, x_start=x_start, **kw))
-                out = torch.cat(outs)
+            out = edit(ddpm, image, m, guide, skip_timesteps=noise.skip_timesteps, seed=seed, batch_size=batch_size,
+                       ddim=sampler == "DDIM", blend=blend is not None,
+                       enforce_background=blend.enforce_background if blend is not None else False,
+                       class_label=None if class_label < 0 else class_label, context=context,
+                       start=noise.start, noise_seed=noise.noise_seed, callback=callback)
         finally:
             bar.close()
             host.free_memory()

@@ -220,7 +220,7 @@ class Bench:
                             for g in self.gens]).to(self.dev)
         x = self.x.detach().requires_grad_(True)
         x0 = self.x0.detach().requires_grad_(True)
-        fac = self.ddpm.sched["sqrt_1m_ac"][self.i]
+        fac = self.ddpm.schedule.sqrt_1m_ac[self.i]
         if chunk:
             loss = chunked_loss(guide, x0, x, fac, self.mask, mats, chunk)
         else:

@@ -165,7 +165,7 @@ def test_loader_cache_and_inference_mode(models_dir):
     assert k1 is k2 and k3 is not k1 and k3.model is k1.model and k3.precision == "bf16"
     # nothing the loaders made is an inference tensor (autograd must be able to use it)
     assert not any(p.is_inference() for p in a.model.parameters())
-    assert not any(t.is_inference() for t in [*a.sched.values(), *c.sched.values()])
+    assert not any(t.is_inference() for t in [*a.schedule.tensors(), *c.schedule.tensors()])
     assert not any(p.is_inference() for p in k1.model.parameters())
 
 

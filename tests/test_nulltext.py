@@ -10,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from blended_diffusion.models import nulltext as nt
-from blended_diffusion.models.ddpm import thaw
+from blended_diffusion.models.ddpm import ddim_invert_pixel, thaw
+from blended_diffusion.models.edit import pixel_x_start
 from blended_diffusion.models import p2p
 
 L, D = 8, 16  # context tokens, context width
@@ -456,7 +457,7 @@ def test_pixel_ddim_inversion_is_a_deterministic_start(ddpm):
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 256), torch.linspace(-1, 1, 256), indexing="ij")
     src = torch.stack([xx, yy, xx * yy])[None] * 0.8
     k = 3  # = skip_timesteps 7
-    x_k = nt.ddim_invert_pixel(ddpm, src, k)
+    x_k = ddim_invert_pixel(ddpm, src, k)
     assert x_k.shape == src.shape
     mask = torch.ones(1, 1, 256, 256)
     run = lambda start: blended_diffusion(ddpm, src, mask, Guide(), k, generators(0, 0, 1), ddim=True,  # noqa: E731
@@ -466,7 +467,7 @@ def test_pixel_ddim_inversion_is_a_deterministic_start(ddpm):
     # the inverted start versus 0.40 from q_sample (and 0.037 vs 0.66 with k = 4)
     assert inverted * 10 < noised
     with pytest.raises(ValueError, match="1..10"):
-        nt.ddim_invert_pixel(ddpm, src, 11)
+        ddim_invert_pixel(ddpm, src, 11)
 
 
 def test_pixel_inversion_inverts_ddim_sampling_exactly_for_a_fixed_eps(ddpm):
@@ -476,7 +477,7 @@ def test_pixel_inversion_inverts_ddim_sampling_exactly_for_a_fixed_eps(ddpm):
     e = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(4))
 
     class FixedEps:
-        sched, num_steps, device = ddpm.sched, ddpm.num_steps, torch.device("cpu")
+        schedule, num_steps, device = ddpm.schedule, ddpm.num_steps, torch.device("cpu")
         pred_xstart = DDPM.pred_xstart
 
         def eps_and_var(self, x, i, y=None):
@@ -484,7 +485,7 @@ def test_pixel_inversion_inverts_ddim_sampling_exactly_for_a_fixed_eps(ddpm):
 
     model = FixedEps()
     x0 = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1
-    x = nt.ddim_invert_pixel(model, x0, 10)
+    x = ddim_invert_pixel(model, x0, 10)
     for i in reversed(range(10)):
         x = ddim_step(model, x, i, model.eps_and_var(x, i)[0], None)
     assert torch.allclose(x, x0, atol=1e-3)  # float32 rounding through 1/sqrt(ᾱ) ≈ 160
@@ -494,7 +495,7 @@ def test_pixel_x_start_feeds_edit(ckpt_dir, image_and_mask):
     from blended_diffusion.models import Guide, edit, load_ddpm
     ddpm = load_ddpm(str(ckpt_dir / "64x64_classes.pt"), respacing="10")
     image, mask = image_and_mask
-    x_start = nt.pixel_x_start(ddpm, image, mask, 7, batch_size=2, class_label=3)
+    x_start = pixel_x_start(ddpm, image, mask, 7, batch_size=2, class_label=3)
     assert x_start.shape == (2, 3, 64, 64)
     kw = dict(skip_timesteps=7, batch_size=2, ddim=True, blend=False, enforce_background=False, class_label=3)
     inverted = edit(ddpm, image, mask, Guide(), x_start=x_start, **kw)
@@ -504,4 +505,4 @@ def test_pixel_x_start_feeds_edit(ckpt_dir, image_and_mask):
     assert torch.equal(inverted[0], inverted[1])  # deterministic start, no noise with DDIM
     assert err(inverted) * 10 < err(noised)        # measured 4.2e-4 vs 0.025 (0..1 pixels)
     with pytest.raises(ValueError, match="class_label"):
-        nt.pixel_x_start(ddpm, image, mask, 7)
+        pixel_x_start(ddpm, image, mask, 7)

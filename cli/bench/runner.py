@@ -33,7 +33,7 @@ RESULTS = "results.jsonl"
 IMAGES = "images"
 DEPTH = 2  # jobs queued per Ray actor: the one it runs and the next
 CRASH_ENV = "BLENDED_DIFFUSION_BENCH_CRASH"  # test hook: ids whose first run kills its Ray worker process
-PACK_ROOT = Path(__file__).resolve().parents[1]
+PACK_ROOT = Path(__file__).resolve().parents[2]
 RAY_REQUIREMENT = 'pip install "comfyui-blended-diffusion[ray]" (or: pip install "ray>=2.9")'
 
 
@@ -130,7 +130,7 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        from ..cli import CLIError
+        from .. import CLIError
         raise CLIError(f"--ray needs Ray, which is not installed: {RAY_REQUIREMENT}") from None
     return ray
 
@@ -162,7 +162,7 @@ def run_ray(work: list[tuple[Item, list[str]]], config: Config, out: Output, *, 
     from ray import cloudpickle
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
 
-    from ..cli import CLIError
+    from .. import CLIError
     from . import bootstrap
     crash = {s.strip() for s in os.environ.get(CRASH_ENV, "").split(",") if s.strip()}
     started = not ray.is_initialized()

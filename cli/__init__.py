@@ -31,6 +31,10 @@ from .edit import contact_sheet, cpu_estimate, format_duration, job_seconds  # n
 from .images import load_image, load_mask  # noqa: E402,F401
 from .run import parse_override  # noqa: E402,F401
 
+__all__ = ["CLIError", "COMMANDS", "SUBCOMMANDS", "build_parser", "main",  # and, for scripts and tests, the helpers:
+           "StepBar", "check_output_dir", "contact_sheet", "cpu_estimate", "find_example", "format_duration",
+           "job_seconds", "load_image", "load_mask", "parse_override", "resolve_device", "resolve_precision",
+           "score_token"]
 SUBCOMMANDS = ("edit", "extrapolate", "rank", "fidelity", "run", "weights", "bench")
 COMMANDS = {"edit": edit.cmd_edit, "extrapolate": extrapolate.cmd_extrapolate, "rank": rank.cmd_rank,
             "fidelity": fidelity.cmd_fidelity, "run": run.cmd_run, "weights": weights.cmd_weights,

@@ -153,137 +153,175 @@ class _Slot:
         self.number, self.actor, self.refs = number, None, []
 
 
+def _init_ray(ray, address: str, cpus: int | None, verbose: bool) -> bool:
+    """Connect to (or start) Ray with the workers' setup hook; True when this call started it."""
+    from ray import cloudpickle
+
+    from .. import CLIError
+    from . import bootstrap
+    if ray.is_initialized():
+        return False
+    cloudpickle.register_pickle_by_value(sys.modules[bootstrap.__name__])  # no pack import needed to load it
+    env = {k: v for k, v in os.environ.items() if k.startswith("BLENDED_DIFFUSION_") and k != CRASH_ENV}
+    kwargs = {"runtime_env": {"worker_process_setup_hook": bootstrap.hook(str(PACK_ROOT)), "env_vars": env},
+              "include_dashboard": False, "log_to_driver": verbose, "logging_level": logging.WARNING}
+    if address == "local" and cpus:
+        kwargs["num_cpus"] = cpus
+    try:
+        ray.init(address=address, **kwargs)
+    except ConnectionError as e:
+        raise CLIError(f"--ray {address}: {e} (start one with `ray start --head`, or use --ray local)") from None
+    return True
+
+
+class _RayRun:
+    """The driver's loop over Ray actors (see the module docstring): slots of actors, each with at most DEPTH jobs
+    in flight; a dead actor's running job retried (up to ``max_attempts`` runs) and the actor replaced."""
+
+    def __init__(self, ray, work, config: Config, out: Output, *, address: str, cpus: int | None,
+                 max_attempts: int, progress, threads: int | None):
+        from .. import CLIError
+        self.ray, self.config, self.out, self.progress = ray, config, out, progress
+        self.max_attempts = max_attempts
+        self.crash = {s.strip() for s in os.environ.get(CRASH_ENV, "").split(",") if s.strip()}
+        self.stats = {"actors": 0, "worker_deaths": 0, "retries": 0}
+        if cpus:
+            n, self.options = cpus, {"num_cpus": 1, "num_gpus": 0}
+            self.cfg, self.threads = replace(config, device="cpu"), threads or 1
+        else:
+            n = int(ray.cluster_resources().get("GPU", 0))
+            if n == 0:
+                raise CLIError(f"--ray {address}: the cluster has no GPU; give --ray-cpus N for N CPU workers "
+                               "(one thread each)")
+            self.options, self.threads = {"num_cpus": 1, "num_gpus": 1}, threads
+            self.cfg = replace(config, device="cuda", gpu_id=0)
+        self.actor_cls = ray.remote(_Actor)
+        self.slots = [_Slot(i + 1) for i in range(n)]
+        self.max_starts = n + 2 * n * max_attempts + 10
+        self.items = iter(work)
+        self.pending: collections.deque[Job] = collections.deque()
+        self.inflight: dict = {}
+        log.info("Ray: %d %s worker(s)", n, "CPU" if cpus else "GPU")
+
+    def start(self, slot: _Slot) -> None:
+        slot.actor = self.actor_cls.options(**self.options).remote(self.cfg, self.threads)
+        self.stats["actors"] += 1
+
+    def deliver(self, results: list[dict], slot: _Slot | None) -> None:
+        for result in results:
+            self.out.write(result, "driver" if slot is None else f"ray worker {slot.number}")
+        if self.progress is not None:
+            self.progress.update()
+
+    def task_error(self, job: Job, e: Exception) -> list[dict]:
+        """Rows for an error outside the per-method handling (not retried)."""
+        return Worker(self.config).run(replace(job, error=f"worker error: {str(e).strip().splitlines()[-1][:300]}"))
+
+    def next_job(self) -> Job | None:
+        if self.pending:
+            return self.pending.popleft()
+        for item, methods in self.items:
+            job = make_job(item, methods)
+            if job.error is None:
+                return job
+            self.deliver(Worker(self.config).run(job), None)  # an unreadable item: recorded here, nothing to run
+        return None
+
+    def fill(self) -> None:
+        """Keep every actor busy, DEPTH jobs at most."""
+        for s in self.slots:
+            while len(s.refs) < DEPTH:
+                job = self.next_job()
+                if job is None:
+                    break
+                job.crash = job.item.id in self.crash and job.attempt == 0
+                ref = s.actor.run.remote(job)
+                s.refs.append(ref)
+                self.inflight[ref] = (s, job)
+
+    def on_death(self, slot: _Slot, e: Exception) -> None:
+        """An actor died: its finished jobs kept, the running one retried (or recorded as failed), the queued
+        ones back in the queue unchanged, and a fresh actor in its place."""
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
+
+        from .. import CLIError
+        if "creation task" in str(e):
+            cause = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(e).split()))[:400]
+            raise CLIError(f"a Ray worker could not start (importing the pack or loading its models): "
+                           f"{cause}") from None
+        self.stats["worker_deaths"] += 1
+        lost = []
+        for r in slot.refs:  # in submission order; a job that finished before the death is kept
+            j = self.inflight.pop(r)[1]
+            try:
+                self.deliver(self.ray.get(r, timeout=0), slot)
+            except (RayActorError, WorkerCrashedError, GetTimeoutError):
+                lost.append(j)
+            except RayTaskError as te:
+                self.deliver(self.task_error(j, te), slot)
+        slot.refs = []
+        running, queued = lost[0], lost[1:]  # the first unfinished job was running, the rest waited
+        running.attempt += 1
+        log.warning("Ray worker %d died while running item %s (run %d of at most %d): %s", slot.number,
+                    running.item.id, running.attempt, self.max_attempts, type(e).__name__)
+        self.pending.extendleft(reversed(queued))
+        if running.attempt >= self.max_attempts:
+            err = (f"the worker process died {running.attempt} times while running this item "
+                   f"({type(e).__name__})")
+            self.deliver(Worker(self.config).run(replace(running, error=err, crash=False, attempt=running.attempt - 1)),
+                         None)
+        else:
+            self.stats["retries"] += 1
+            self.pending.appendleft(running)  # next, on whichever worker is free first
+        if self.stats["actors"] >= self.max_starts:
+            raise CLIError(f"Ray workers died {self.stats['worker_deaths']} times; stopping (finished rows "
+                           f"are in {self.out.path})")
+        self.start(slot)
+
+    def run(self) -> dict:
+        from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+        for s in self.slots:
+            self.start(s)
+        while True:
+            self.fill()
+            if not self.inflight:
+                return self.stats
+            (ref,), _ = self.ray.wait(list(self.inflight), num_returns=1)
+            slot, job = self.inflight[ref]
+            try:
+                results = self.ray.get(ref)
+            except (RayActorError, WorkerCrashedError) as e:
+                self.on_death(slot, e)
+                continue
+            except RayTaskError as e:
+                results = self.task_error(job, e)
+            self.inflight.pop(ref)
+            slot.refs.remove(ref)
+            self.deliver(results, slot)
+
+    def close(self) -> None:
+        for s in self.slots:
+            if s.actor is not None:
+                try:
+                    self.ray.kill(s.actor)
+                except Exception:  # already gone
+                    pass
+
+
 def run_ray(work: list[tuple[Item, list[str]]], config: Config, out: Output, *, address: str,
             cpus: int | None = None, max_attempts: int = 3, progress=None, verbose: bool = False,
             threads: int | None = None) -> dict:
     """Every job on Ray actors (see the module docstring). ``address``: "auto" (a running cluster), "local" (a
     new one in this machine) or a cluster address. Returns counts: actors started, worker deaths, retries."""
     ray = import_ray()
-    from ray import cloudpickle
-    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
-
-    from .. import CLIError
-    from . import bootstrap
-    crash = {s.strip() for s in os.environ.get(CRASH_ENV, "").split(",") if s.strip()}
-    started = not ray.is_initialized()
-    if started:
-        cloudpickle.register_pickle_by_value(sys.modules[bootstrap.__name__])  # no pack import needed to load it
-        env = {k: v for k, v in os.environ.items() if k.startswith("BLENDED_DIFFUSION_") and k != CRASH_ENV}
-        kwargs = {"runtime_env": {"worker_process_setup_hook": bootstrap.hook(str(PACK_ROOT)), "env_vars": env},
-                  "include_dashboard": False, "log_to_driver": verbose, "logging_level": logging.WARNING}
-        if address == "local" and cpus:
-            kwargs["num_cpus"] = cpus
-        try:
-            ray.init(address=address, **kwargs)
-        except ConnectionError as e:
-            raise CLIError(f"--ray {address}: {e} (start one with `ray start --head`, or use --ray local)") from None
-    stats = {"actors": 0, "worker_deaths": 0, "retries": 0}
-    slots: list[_Slot] = []
+    started = _init_ray(ray, address, cpus, verbose)
+    pool = None
     try:
-        if cpus:
-            n, options, cfg, threads = cpus, {"num_cpus": 1, "num_gpus": 0}, replace(config, device="cpu"), threads or 1
-        else:
-            n = int(ray.cluster_resources().get("GPU", 0))
-            if n == 0:
-                raise CLIError(f"--ray {address}: the cluster has no GPU; give --ray-cpus N for N CPU workers "
-                               "(one thread each)")
-            options, cfg = {"num_cpus": 1, "num_gpus": 1}, replace(config, device="cuda", gpu_id=0)
-        actor_cls = ray.remote(_Actor)
-
-        def start(slot: _Slot) -> None:
-            slot.actor = actor_cls.options(**options).remote(cfg, threads)
-            stats["actors"] += 1
-
-        slots = [_Slot(i + 1) for i in range(n)]
-        for s in slots:
-            start(s)
-        log.info("Ray: %d %s worker(s)", n, "CPU" if cpus else "GPU")
-        items = iter(work)
-        pending: collections.deque[Job] = collections.deque()
-        inflight: dict = {}
-        max_starts = n + 2 * n * max_attempts + 10
-
-        def deliver(results: list[dict], slot: _Slot | None) -> None:
-            for result in results:
-                out.write(result, "driver" if slot is None else f"ray worker {slot.number}")
-            if progress is not None:
-                progress.update()
-
-        def task_error(job: Job, e: Exception) -> list[dict]:  # outside the per-method handling: not retried
-            return Worker(config).run(replace(job, error=f"worker error: {str(e).strip().splitlines()[-1][:300]}"))
-
-        def next_job() -> Job | None:
-            if pending:
-                return pending.popleft()
-            for item, methods in items:
-                job = make_job(item, methods)
-                if job.error is None:
-                    return job
-                deliver(Worker(config).run(job), None)  # an unreadable item: recorded here, nothing to run
-            return None
-
-        while True:
-            for s in slots:  # keep every actor busy, DEPTH jobs at most
-                while len(s.refs) < DEPTH:
-                    job = next_job()
-                    if job is None:
-                        break
-                    job.crash = job.item.id in crash and job.attempt == 0
-                    ref = s.actor.run.remote(job)
-                    s.refs.append(ref)
-                    inflight[ref] = (s, job)
-            if not inflight:
-                break
-            (ref,), _ = ray.wait(list(inflight), num_returns=1)
-            slot, job = inflight[ref]
-            try:
-                results = ray.get(ref)
-            except (RayActorError, WorkerCrashedError) as e:
-                if "creation task" in str(e):
-                    cause = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(e).split()))[:400]
-                    raise CLIError(f"a Ray worker could not start (importing the pack or loading its models): "
-                                   f"{cause}") from None
-                stats["worker_deaths"] += 1
-                lost = []
-                for r in slot.refs:  # in submission order; a job that finished before the death is kept
-                    j = inflight.pop(r)[1]
-                    try:
-                        deliver(ray.get(r, timeout=0), slot)
-                    except (RayActorError, WorkerCrashedError, GetTimeoutError):
-                        lost.append(j)
-                    except RayTaskError as te:
-                        deliver(task_error(j, te), slot)
-                slot.refs = []
-                running, queued = lost[0], lost[1:]  # the first unfinished job was running, the rest waited
-                running.attempt += 1
-                log.warning("Ray worker %d died while running item %s (run %d of at most %d): %s", slot.number,
-                            running.item.id, running.attempt, max_attempts, type(e).__name__)
-                pending.extendleft(reversed(queued))
-                if running.attempt >= max_attempts:
-                    err = (f"the worker process died {running.attempt} times while running this item "
-                           f"({type(e).__name__})")
-                    deliver(Worker(config).run(replace(running, error=err, crash=False, attempt=running.attempt - 1)),
-                            None)
-                else:
-                    stats["retries"] += 1
-                    pending.appendleft(running)  # next, on whichever worker is free first
-                if stats["actors"] >= max_starts:
-                    raise CLIError(f"Ray workers died {stats['worker_deaths']} times; stopping (finished rows "
-                                   f"are in {out.path})")
-                start(slot)
-                continue
-            except RayTaskError as e:
-                results = task_error(job, e)
-            inflight.pop(ref)
-            slot.refs.remove(ref)
-            deliver(results, slot)
+        pool = _RayRun(ray, work, config, out, address=address, cpus=cpus, max_attempts=max_attempts,
+                       progress=progress, threads=threads)
+        return pool.run()
     finally:
-        for s in slots:
-            if s.actor is not None:
-                try:
-                    ray.kill(s.actor)
-                except Exception:  # already gone
-                    pass
+        if pool is not None:
+            pool.close()
         if started:
             ray.shutdown()
-    return stats

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import METHODS, SD_METHODS, Job, error_text  # noqa: F401  (METHODS: the methods a Config names)
+from .data import SD_METHODS, Job, error_text
 
 log = logging.getLogger(__name__)
 CRASH_EXIT = 86  # exit status of a worker killed by fault injection (runner.CRASH_ENV)

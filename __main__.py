@@ -1,4 +1,4 @@
-"""``python -m blended_diffusion``: the command line (see cli.py)."""
+"""``python -m blended_diffusion``: the command line (cli/)."""
 import sys
 
 from .cli import main

@@ -3,7 +3,7 @@ progress with previews and interrupts here; the Stable Diffusion glue (ComfyUI's
 ``host/sd.py``.
 
 Inside ComfyUI (``folder_paths`` and ``comfy.model_management`` loaded) it uses the host's services;
-standalone (tests, the command line, ``nodes/runner.py``) it gives the same services without the host:
+standalone (tests, the command line, ``cli/runner.py``) it gives the same services without the host:
 models in the ``ddpm/`` and ``clip_guidance/`` folders of ``models.weights.search_dirs``
 (``$BLENDED_DIFFUSION_MODELS``, ComfyUI's models folder when the pack sits in ``custom_nodes``,
 ``~/.cache/blended_diffusion``), files written to ``$BLENDED_DIFFUSION_OUTPUT`` or ``./output``, CUDA if

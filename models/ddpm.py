@@ -286,18 +286,30 @@ def thaw_tensors(d: dict) -> dict:
         return {k: v.clone() if v.is_inference() else v for k, v in d.items()}
 
 
-def make_diffusion(respacing: str = "100", steps: int = 1000, noise_schedule: str = "linear",
-                   learn_sigma: bool = True) -> SpacedDiffusion:
+def respaced_timesteps(respacing: str, steps: int = 1000, name: str = "timestep respacing") -> set[int]:
+    """The diffusion steps a respacing keeps (guided-diffusion's ``space_timesteps``: '100', 'ddim50', '10,10,10');
+    ValueError naming ``name`` (the caller's word for the setting) if it is not valid or keeps no step."""
     respacing = str(respacing).strip() or str(steps)
     try:
         use = space_timesteps(steps, respacing if respacing.startswith("ddim") else
                               [int(c) for c in respacing.split(",")])
     except (ValueError, TypeError) as e:
-        raise ValueError(f"timestep respacing {respacing!r} is not valid ({e}); use e.g. '100', "
+        raise ValueError(f"{name} {respacing!r} is not valid ({e}); use e.g. '100', "
                          "'ddim50' or '10,10,10'") from None
     if not use or (not respacing.startswith("ddim") and any(int(c) < 0 for c in respacing.split(","))):
-        raise ValueError(f"timestep respacing {respacing!r} keeps no denoising step: give at least 1 "
+        raise ValueError(f"{name} {respacing!r} keeps no denoising step: give at least 1 "
                          f"(and at most {steps}), e.g. '100', 'ddim50' or '10,10,10'")
+    return use
+
+
+def count_steps(respacing: str, steps: int = 1000, name: str = "timestep respacing") -> int:
+    """The number of denoising steps a respacing keeps (checked as ``respaced_timesteps``), without a model."""
+    return len(respaced_timesteps(respacing, steps, name))
+
+
+def make_diffusion(respacing: str = "100", steps: int = 1000, noise_schedule: str = "linear",
+                   learn_sigma: bool = True) -> SpacedDiffusion:
+    use = respaced_timesteps(respacing, steps)
     return SpacedDiffusion(
         use_timesteps=use, betas=gd.get_named_beta_schedule(noise_schedule, steps),
         model_mean_type=gd.ModelMeanType.EPSILON,

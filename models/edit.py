@@ -32,6 +32,17 @@ def check_finite(x: torch.Tensor) -> None:
                          "the background weights, or use fp32 precision")
 
 
+def check_skip(skip_timesteps: int, steps: int, *, name: str = "skip_timesteps", schedule: str | None = None) -> int:
+    """``skip_timesteps`` leaves at least one of ``steps`` denoising steps (``schedule``: how the caller names
+    where the steps come from); returns the number left to run. ValueError naming ``name`` otherwise."""
+    if 0 <= skip_timesteps < steps:
+        return steps - skip_timesteps
+    where = f"{schedule} ({steps} steps)" if schedule else f"{steps} steps"
+    nothing = " leaves nothing to do" if skip_timesteps >= steps else ""
+    raise ValueError(f"{name} = {skip_timesteps} with {where}{nothing}: it must be in 0..{steps - 1} "
+                     f"(it leaves {steps} - skip steps to run)")
+
+
 def check_inputs(image: torch.Tensor, mask: torch.Tensor | None, ddpm, skip_timesteps: int,
                  batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Shapes, ranges and numbers, checked before any work; returns (image, mask) normalised."""
@@ -65,10 +76,7 @@ def check_inputs(image: torch.Tensor, mask: torch.Tensor | None, ddpm, skip_time
         mask = torch.nn.functional.interpolate(mask[:, None].float(), size=(h, w), mode="bilinear",
                                                align_corners=False)[:, 0]
     mask = torch.nan_to_num(mask.float()).clamp(0, 1).to(image.device)
-    steps = ddpm.num_steps
-    if not 0 <= skip_timesteps < steps:
-        raise ValueError(f"skip_timesteps = {skip_timesteps} with {steps} steps: it must be in "
-                         f"0..{steps - 1} (it leaves {steps} - skip steps to run)")
+    check_skip(skip_timesteps, ddpm.num_steps)
     if batch_size < 1:
         raise ValueError(f"batch size = {batch_size}: it must be at least 1 "
                          "(large batches are split automatically)")

@@ -1,7 +1,7 @@
 """The supplement's fidelity/editability measurement: LPIPS to the source (fidelity) versus CLIP distance to the
 target prompt (editability) over a sweep of edits, as rows and CSV text (the plot of the rows: render.py).
 
-One implementation for the ``FidelityCurve`` node (nodes/nulltext.py) and the ``fidelity`` subcommand (cli.py):
+One implementation for the ``FidelityCurve`` node (nodes/nulltext.py) and the ``fidelity`` subcommand (cli/fidelity.py):
 each caller lists its ``Run``s (Blended Diffusion over skip_timesteps from ``blended_runs`` here; SDEdit over t0
 from models/inversion.py's ``sdedit_runs``, with the host's Stable Diffusion), then ``sweep`` makes and measures
 them in order. Pure torch: nothing here imports ComfyUI. Images are [B, 3, H, W] in 0..1, masks [B|1, H, W] in 0..1.

@@ -1,5 +1,5 @@
-"""Reading image and mask files, whatever their mode: one place for the command line (cli.py) and the
-standalone runner's LoadImage (nodes/runner.py). Pure PIL / numpy / torch, no ComfyUI.
+"""Reading image and mask files, whatever their mode: one place for the command line (cli/images.py) and the
+standalone runner's LoadImage (cli/runner.py). Pure PIL / numpy / torch, no ComfyUI.
 
 Pillow's ``convert("RGB")`` clips 16- and 32-bit gray values to 8 bits (a 16-bit gray PNG comes out
 almost white), so gray modes are scaled by their own range here: 8-bit /255, 16-bit /65535, float as is.

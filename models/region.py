@@ -21,14 +21,19 @@ class Box:
 MAX_ZOOM = 4  # a crop is enlarged at most 4x: never smaller than size / 4 source pixels (64 for a 256 model)
 
 
+def check_context(context: float, name: str = "context") -> None:
+    """``context`` (the margin around the mask's box, a fraction of the box) is a finite number >= 0."""
+    if not 0 <= context < float("inf"):
+        raise ValueError(f"{name} = {context}: it must be a finite number >= 0 (the margin around the mask "
+                         "as a fraction of its box on each side; 0.25 by default)")
+
+
 def plan_box(mask: torch.Tensor, size: int, context: float = 0.25, max_zoom: float = MAX_ZOOM) -> Box:
     """Square around the mask's bounding box (mask [H, W]), grown by ``context`` of its side on each
     side. A small mask's square is enlarged to the model's ``size``, so the mask gets the model's
     resolution, at most ``max_zoom`` times (the square is at least size / max_zoom pixels when the
     image allows; max_zoom 1 = never smaller than the model), and at most the image's longer side."""
-    if not 0 <= context < float("inf"):
-        raise ValueError(f"context = {context}: it must be a finite number >= 0 (the margin around the mask "
-                         "as a fraction of its box on each side; 0.25 by default)")
+    check_context(context)
     h, w = mask.shape
     ys, xs = torch.nonzero(mask > 0, as_tuple=True)
     if len(ys) == 0:

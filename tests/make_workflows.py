@@ -1,6 +1,6 @@
 """Generate the example workflows: one Python description per workflow gives both the UI-format
 JSON (``workflows/<name>.json``, what the ComfyUI frontend saves and opens) and its API-format twin
-(``workflows/api/<name>.json``, what ``/prompt`` and ``nodes/runner.py`` execute), so they never drift.
+(``workflows/api/<name>.json``, what ``/prompt`` and ``cli/runner.py`` execute), so they never drift.
 
     /work/venv/bin/python tests/make_workflows.py          # rewrite workflows/ from this file
     /work/venv/bin/python tests/make_workflows.py --check  # exit 1 if the committed JSON differs

@@ -16,8 +16,8 @@ from PIL import Image
 
 import tiny
 from blended_diffusion import cli
-from blended_diffusion.bench import data, report
-from blended_diffusion.bench.runner import CRASH_ENV, RESULTS
+from blended_diffusion.cli.bench import data, report
+from blended_diffusion.cli.bench.runner import CRASH_ENV, RESULTS
 from blended_diffusion.models import metrics
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from PIL import Image
 
 from blended_diffusion import cli
 from blended_diffusion.models import imageio
-from blended_diffusion.nodes import runner
+from blended_diffusion.cli import runner
 
 H, W = 24, 32
 TOL = 1 / 255 + 1e-6

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # ComfyUI's top-level modules (its `nodes` too: the pack's own nodes/ is only ever imported relatively)
 COMFYUI_MODULES = {"comfy", "comfy_api", "comfy_execution", "comfy_extras", "comfy_config", "folder_paths",
@@ -104,9 +106,34 @@ def test_the_built_package_holds_every_module_and_the_web_extension(tmp_path):
     assert ran.returncode == 0, ran.stdout + ran.stderr
     built = {p.relative_to(lib / "blended_diffusion").as_posix() for p in (lib / "blended_diffusion").rglob("*")
              if p.is_file()}
-    packages = [ROOT] + [d for d in sorted(ROOT.iterdir()) if (d / "__init__.py").is_file()]
+    packages = [ROOT] + [ROOT / p.parent for p in pack_sources() if p.name == "__init__.py" and p.parent.parts]
     wanted = {p.relative_to(ROOT).as_posix() for d in packages for p in d.glob("*.py")}
     wanted |= {p.relative_to(ROOT).as_posix() for pattern in ("web/**/*.js", "workflows/**/*.json",
                                                                "example_images/*.png") for p in ROOT.glob(pattern)}
-    assert {"web/js/show_scores.js", "host/__init__.py", "host/sd.py", "models/inversion.py"} <= wanted
+    assert {"web/js/show_scores.js", "host/__init__.py", "host/sd.py", "models/inversion.py", "cli/__init__.py",
+            "cli/runner.py", "cli/bench/runner.py", "cli/bench/bootstrap.py"} <= wanted
     assert wanted <= built, sorted(wanted - built)
+
+
+def test_top_level_packages_are_the_layouts_and_pyproject_lists_every_package():
+    """The pack's Python packages: the engine, the host adapter, the nodes and the command line (bench is part of the
+    command line, the standalone runner too); pyproject.toml names each of them, subpackages included."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    top = {d.name for d in ROOT.iterdir() if (d / "__init__.py").is_file()}
+    assert top == {"cli", "host", "models", "nodes"}, top
+    assert not (ROOT / "nodes" / "runner.py").exists() and not (ROOT / "cli.py").exists()
+    found = {"blended_diffusion"} | {"blended_diffusion." + ".".join(p.parent.parts) for p in pack_sources()
+                                     if p.name == "__init__.py" and p.parent.parts}
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert set(listed) == found and "blended_diffusion.cli.bench" in found, (sorted(listed), sorted(found))
+
+
+def test_every_subcommand_is_one_module_of_the_cli_package():
+    """cli/: one module (or subpackage) per subcommand, each with add_parser and its command; the parser is
+    assembled from them."""
+    import importlib
+    from blended_diffusion import cli
+    for name in cli.SUBCOMMANDS:
+        module = importlib.import_module(f"blended_diffusion.cli.{name}")
+        assert callable(module.add_parser) and cli.COMMANDS[name] is getattr(module, f"cmd_{name}"), name
+    assert (ROOT / "__main__.py").read_text().count("\n") < 10

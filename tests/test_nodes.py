@@ -12,7 +12,8 @@ from PIL import Image
 
 from blended_diffusion import host
 from blended_diffusion.host import EXAMPLES_DIR
-from blended_diffusion.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, loaders, runner
+from blended_diffusion.cli import runner
+from blended_diffusion.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, loaders
 from blended_diffusion.nodes.common import NoiseState
 
 N = NODE_CLASS_MAPPINGS

@@ -682,7 +682,7 @@ def test_cpu_out_of_memory_under_a_real_memory_limit(ckpt_dir, tmp_path, photo):
     small = tiny.save_unet(tmp_path / "64x64_uncond.pt", {k: v for k, v in tiny.UNET_64_CLASSES.items()
                                                           if k != "num_classes"})
     (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "blended_diffusion").symlink_to(Path(cli.__file__).parent, target_is_directory=True)
+    (tmp_path / "pkg" / "blended_diffusion").symlink_to(Path(cli.__file__).parents[1], target_is_directory=True)
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "pkg"), "OMP_NUM_THREADS": "1"}
     img, mask = photo
 
@@ -721,7 +721,7 @@ def test_model_too_large_for_the_memory_is_not_called_corrupt(ckpt_dir, tmp_path
     if not sys.platform.startswith("linux"):
         pytest.skip("RLIMIT_DATA and /proc/self/status: Linux only")
     (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "blended_diffusion").symlink_to(Path(cli.__file__).parent, target_is_directory=True)
+    (tmp_path / "pkg" / "blended_diffusion").symlink_to(Path(cli.__file__).parents[1], target_is_directory=True)
     img, mask = photo
     model = ckpt_dir / "256x256_diffusion_uncond.pt"
     argv = ["edit", "-p", "a red ball", "-i", img, "--mask", mask, "--model", model, "--clip", ckpt_dir / "ViT-B-16.pt",

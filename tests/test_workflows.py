@@ -1,6 +1,6 @@
 """The example workflows: UI-format files (what the ComfyUI frontend opens) are well-formed and match the
 nodes' INPUT_TYPES; their API-format twins agree with them; every API workflow runs end to end through
-the standalone runner (nodes/runner.py) on tiny checkpoints with step counts patched down, and its results
+the standalone runner (cli/runner.py) on tiny checkpoints with step counts patched down, and its results
 keep the background exactly where the blend says so."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import make_thumbnails
 import make_workflows as mw  # tests/ is on sys.path (conftest.py)
 from blended_diffusion.nodes import NODE_CLASS_MAPPINGS
 from blended_diffusion.host import EXAMPLES_DIR
-from blended_diffusion.nodes.runner import run_workflow
+from blended_diffusion.cli.runner import run_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 UI_FILES = sorted((ROOT / "workflows").glob("*.json"))

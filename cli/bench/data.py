@@ -33,6 +33,13 @@ EDIT_TYPES = {"0": "random", "1": "change object", "2": "add object", "3": "dele
               "7": "change attribute (material)", "8": "change background", "9": "change style"}
 
 
+METHODS = {"blended": "Blended Diffusion",
+           "p2p": "NULL-text inversion + prompt-to-prompt",
+           "sdedit": "SDEdit after NULL-text inversion",
+           "sdedit-plain": "plain SDEdit"}
+SD_METHODS = ("p2p", "sdedit", "sdedit-plain")
+
+
 class DatasetError(ValueError):
     """The dataset cannot be read; the message names the file and what is wrong."""
 
@@ -178,7 +185,7 @@ def _resized(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 def make_job(item: Item, methods: list[str]) -> Job:
     """Read the item's image and masks (8-bit); a problem becomes the job's error, not an exception."""
-    from ..cli import load_image, load_mask  # the command line's readers: same rules as `edit`
+    from ..images import load_image, load_mask  # the command line's readers: same rules as `edit`
     try:
         image = load_image(item.image)
         h, w = image.shape[-2:]

@@ -11,9 +11,9 @@ import io
 import math
 from pathlib import Path
 
-from ..models.metrics import PIE_COLUMNS
+from ...models.metrics import PIE_COLUMNS
 from .data import EDIT_TYPES
-from .worker import METHODS
+from .data import METHODS
 
 SHORT = {"structure_distance": "structure", "psnr_unedit_part": "PSNR", "lpips_unedit_part": "LPIPS",
          "mse_unedit_part": "MSE", "ssim_unedit_part": "SSIM", "clip_similarity_target_image": "CLIP whole",
@@ -60,7 +60,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _fmt(v) -> str:
+def fmt(v) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
@@ -73,7 +73,7 @@ def csv_text(lines: list[dict]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(HEADER)
     for line in lines:
-        w.writerow([_fmt(line[h]) for h in HEADER])
+        w.writerow([fmt(line[h]) for h in HEADER])
     return buf.getvalue()
 
 
@@ -83,7 +83,7 @@ def markdown(lines: list[dict], notes: list[str] = ()) -> str:
     for line in lines:
         vals = [METHODS.get(line["method"], line["method"]), line["edit_type"], line["items"], line["errors"],
                 *(line[c] for c in PIE_COLUMNS), line["seconds"]]
-        cells = [f"**{_fmt(v)}**" if line["edit_type"] == "all" and i > 1 and v is not None else _fmt(v)
+        cells = [f"**{fmt(v)}**" if line["edit_type"] == "all" and i > 1 and v is not None else fmt(v)
                  for i, v in enumerate(vals)]
         text.append("| " + " | ".join(cells) + " |")
     legend = ("structure: DINO self-similarity distance (lower is better); PSNR / LPIPS / MSE / SSIM: the unedited "
@@ -134,7 +134,7 @@ def plot(lines: list[dict], size=(980, 0)):
                     continue
                 length = width if not math.isfinite(v) else int(width * abs(v) / top)
                 d.rectangle([px, y, px + max(1, length), y + bar - 2], fill=COLORS[m_i % len(COLORS)])
-                d.text((px + length + 4, y - 2), _fmt(v)[:8], fill=(60, 60, 60), font=font)
+                d.text((px + length + 4, y - 2), fmt(v)[:8], fill=(60, 60, 60), font=font)
         d.line([px, py + head - 2, px, py + head + per_type * len(types)], fill=(0, 0, 0))
     return im
 

@@ -1,4 +1,5 @@
-"""A small standalone executor for API-format workflows (no ComfyUI needed).
+"""A small standalone executor for API-format workflows (no ComfyUI needed): what ``blended-diffusion run`` and the
+tests run workflows with.
 
 A workflow is ``{node_id: {"class_type": ..., "inputs": {name: value or [node_id, output_index]}}}``.
 It runs the pack's nodes plus minimal stand-ins for the few core nodes our workflows use
@@ -11,7 +12,6 @@ It runs the pack's nodes plus minimal stand-ins for the few core nodes our workf
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..models import imageio
-from . import NODE_CLASS_MAPPINGS
-from ..host import EXAMPLES_DIR
+from ..models.weights import EXAMPLES_DIR
+from ..nodes import NODE_CLASS_MAPPINGS
 
 log = logging.getLogger(__name__)
 
@@ -208,22 +208,3 @@ def run_workflow(workflow, input_dir=None, output_dir="output", overrides: dict 
             run(nid)
     return result
 
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Run an API-format ComfyUI workflow of this pack without ComfyUI.")
-    ap.add_argument("workflow", help="API-format JSON (ComfyUI: Export (API))")
-    ap.add_argument("--input", default=None, help="folder LoadImage reads from (default: the pack's example_images/)")
-    ap.add_argument("--output", default="output", help="folder SaveImage writes to")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    res = run_workflow(args.workflow, args.input, args.output)
-    for f in res.files:
-        log.info("wrote %s", f)
-    for nid, ui in res.ui.items():
-        for text in ui.get("text", []):
-            log.info("node %s:\n%s", nid, text)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

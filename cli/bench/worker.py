@@ -3,8 +3,9 @@
 The same class runs in the command's own process (the local runner) and inside each Ray actor. The methods
 are the pack's own code paths, as ``edit`` and ``fidelity`` run them: Blended Diffusion is ``models.edit``
 (ranked by ``models.apps.rank`` when the batch has several results); NULL-text inversion, prompt-to-prompt
-and SDEdit are the NULL-text nodes on a Stable Diffusion checkpoint loaded through ComfyUI (nodes/nulltext.py:
-``NullTextInvert``, ``NullTextEdit``, ``NullTextSDEdit``); one inversion per item serves all its SD methods.
+and SDEdit are the engine's runs (models/inversion.py) on a Stable Diffusion checkpoint loaded through ComfyUI by the
+host adapter (host/sd.py: ``SDModel``, ``encode_text``, ``tokenized``, ``invert_image``), as ``fidelity`` and the
+NULL-text nodes run them; one inversion per item serves all its SD methods.
 Every result is rounded to 8 bits (what its PNG holds) and measured with models/metrics.py's PIE-Bench metrics.
 """
 from __future__ import annotations
@@ -19,15 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import Job, error_text
+from .data import SD_METHODS, Job, error_text
 
 log = logging.getLogger(__name__)
-
-METHODS = {"blended": "Blended Diffusion",
-           "p2p": "NULL-text inversion + prompt-to-prompt",
-           "sdedit": "SDEdit after NULL-text inversion",
-           "sdedit-plain": "plain SDEdit"}
-SD_METHODS = ("p2p", "sdedit", "sdedit-plain")
 CRASH_EXIT = 86  # exit status of a worker killed by fault injection (runner.CRASH_ENV)
 
 
@@ -81,18 +76,18 @@ class Worker:
         """Load every model the methods and metrics need (once)."""
         if self.loaded:
             return self
-        from .. import cli
-        from ..models import load_clip, load_ddpm, memory
+        from ...models import load_clip, load_ddpm, memory
+        from ..common import import_comfyui, resolve_device, resolve_precision
         cfg = self.config
-        self.device = cli.resolve_device(cfg.device, cfg.gpu_id)
-        precision = cli.resolve_precision(cfg.precision, self.device)
+        self.device = resolve_device(cfg.device, cfg.gpu_id)
+        precision = resolve_precision(cfg.precision, self.device)
         if self.device.type == "cpu" and memory.wanted():
             memory.keep_freed_memory()  # as the command line does on the CPU (models/memory.py)
         self.ddpm = None
         if "blended" in cfg.methods:
             self.ddpm = load_ddpm(cfg.ddpm, respacing=cfg.blended["timestep_respacing"], precision=precision,
                                   device=self.device)
-        clip_precision = cli.resolve_precision(cfg.clip_precision or cfg.precision, self.device)
+        clip_precision = resolve_precision(cfg.clip_precision or cfg.precision, self.device)
         self.clip = load_clip(cfg.clip, device=self.device, precision=clip_precision)
         if (cfg.metric_clip or cfg.clip) == cfg.clip and clip_precision == "fp32":
             self.metric_clip = self.clip
@@ -100,12 +95,12 @@ class Worker:
             self.metric_clip = load_clip(cfg.metric_clip or cfg.clip, device=self.device, precision="fp32")
         self.dino = None
         if cfg.dino:
-            from ..models.dino import load_dino
+            from ...models.dino import load_dino
             self.dino = load_dino(cfg.dino, device=self.device)
         self.sd_models = None
         if any(m in SD_METHODS for m in cfg.methods):
-            from ..host import sd as host_sd
-            cli.import_comfyui(cfg.sd.get("comfyui"), self.device)
+            from ...host import sd as host_sd
+            import_comfyui(cfg.sd.get("comfyui"), self.device)
             with torch.inference_mode():
                 self.sd_models = host_sd.load_checkpoint(Path(cfg.sd["checkpoint"]))
         self.loaded = True
@@ -148,7 +143,7 @@ class Worker:
 
     def _measured(self, job: Job, method: str, result: torch.Tensor, source: torch.Tensor,
                   eval_mask: torch.Tensor | None, seconds: float, **extra) -> dict:
-        from ..models.metrics import pie_bench
+        from ...models.metrics import pie_bench
         img = to8(result[:1])
         t = time.perf_counter()
         metrics = pie_bench(img, to8(source), eval_mask, self.metric_clip, job.item.prompt, self.dino,
@@ -158,8 +153,8 @@ class Worker:
                             metric_seconds=round(time.perf_counter() - t, 4), **extra)
 
     def _blended(self, job: Job, source: torch.Tensor, edit_mask: torch.Tensor | None) -> torch.Tensor:
-        from ..models import AugmentSettings, Guide, edit
-        from ..models.apps import rank
+        from ...models import AugmentSettings, Guide, edit
+        from ...models.apps import rank
         b, prompt = self.config.blended, job.item.prompt
         guide = Guide(clip=self.clip if prompt else None, prompt=prompt, clip_lambda=b["clip_guidance_lambda"],
                       range_lambda=b["range_lambda"], augment=AugmentSettings(num_views=b["aug_num"]),
@@ -172,26 +167,19 @@ class Worker:
         return out[:1]
 
     def _sd(self, job: Job, methods: list[str], source: torch.Tensor, eval_mask: torch.Tensor | None) -> list:
-        from .. import cli
-        from ..nodes import nulltext as ntn
-        it, s = job.item, self.config.sd
+        """The SD methods of one item from one NULL-text inversion of its source (cropped, with its mask, to the
+        VAE's multiple as ComfyUI's VAE crops)."""
+        from ..common import vae_crop
+        it = job.item
         if not it.source_prompt:
             msg = "NULL-text inversion needs a caption of the source image: give source_prompt"
             return [self._result(job, m, error=msg) for m in methods]
-        model, sd_clip, vae = self.sd_models
         out = []
         with torch.inference_mode():  # ComfyUI's own mode for its models, as `fidelity` runs them
             t = time.perf_counter()
             try:
-                image = source
-                ratio = int(getattr(vae, "spacial_compression_encode", lambda: 8)())
-                if image.shape[-1] % ratio or image.shape[-2] % ratio:  # the mask cropped as the VAE crops
-                    image = cli.center_crop(image, ratio)
-                    eval_mask = None if eval_mask is None else cli.center_crop(eval_mask, ratio)
-                res = ntn.NullTextInvert().invert(model, sd_clip, vae, image.movedim(1, -1), it.source_prompt,
-                                                  steps=s["steps"], guidance=s["guidance"],
-                                                  inner_steps=s["inner_steps"], global_null=False)
-                inv = res["result"][0]
+                image, eval_mask = vae_crop(self.sd_models[2], source, eval_mask)
+                inv = self._invert(image, it.source_prompt)
             except Exception as e:
                 log.debug("item %s, inversion", it.id, exc_info=True)
                 err = f"NULL-text inversion: {error_text(e)}"
@@ -201,41 +189,66 @@ class Worker:
             for m in methods:
                 t = time.perf_counter()
                 try:
-                    if m == "p2p":
-                        img = self._p2p(ntn, job, inv)
-                    else:
-                        start = "inversion" if m == "sdedit" else "random noise"
-                        img, = ntn.NullTextSDEdit().sdedit(model, sd_clip, vae, inv, it.prompt, t0=s["t0"],
-                                                           start=start, seed=self.config.seed, guidance=s["guidance"])
-                    img = img.movedim(-1, 1).float()
-                    out.append(self._measured(job, m, img, src, eval_mask, time.perf_counter() - t,
-                                              inversion_seconds=inv_s))
+                    img = self._p2p(job, inv) if m == "p2p" else \
+                        self._sdedit(inv, it.prompt, "inversion" if m == "sdedit" else "random noise")
+                    out.append(self._measured(job, m, img.movedim(-1, 1).float(), src, eval_mask,
+                                              time.perf_counter() - t, inversion_seconds=inv_s))
                 except Exception as e:
                     log.debug("item %s, %s", it.id, m, exc_info=True)
                     out.append(self._result(job, m, error=error_text(e), seconds=time.perf_counter() - t,
                                             inversion_seconds=inv_s))
         return out
 
-    def _p2p(self, ntn, job: Job, inv) -> torch.Tensor:
+    def _invert(self, image: torch.Tensor, caption: str):
+        """NULL-text inversion (per-step null embeddings) of ``image`` [1, 3, H, W] captioned ``caption``."""
+        from ...host import sd as host_sd
+        model, sd_clip, vae = self.sd_models
+        s = self.config.sd
+        sd = host_sd.SDModel(model, grad=s["inner_steps"] > 0)
+        inv, _ = host_sd.invert_image(sd, sd_clip, vae, image.movedim(1, -1), caption.strip(), steps=s["steps"],
+                                      guidance=s["guidance"], inner_steps=s["inner_steps"], global_null=False)
+        return inv
+
+    def _sdedit(self, inv, prompt: str, start: str) -> torch.Tensor:
+        """SDEdit at strength t0 towards ``prompt`` from the inversion ("inversion") or from noise ("random
+        noise", plain SDEdit); an IMAGE [1, H, W, 3]."""
+        from ...host import sd as host_sd
+        from ...models import inversion as ni
+        model, sd_clip, vae = self.sd_models
+        s = self.config.sd
+        if start == "inversion":
+            inv.check_guidance(s["guidance"])
+        cond = host_sd.encode_text(sd_clip, prompt.strip() or inv.prompt)
+        sd = host_sd.SDModel(model)
+        z = ni.sdedit_run(sd, inv, cond, s["t0"], s["guidance"], start, self.config.seed)
+        return sd.decode(vae, z)
+
+    def _p2p(self, job: Job, inv) -> torch.Tensor:
         """Prompt-to-prompt as PIE-Bench runs it: word swap when both prompts have as many words, refinement
         otherwise; with a blended_word "src tgt", local blending on those words and the target word's
-        attention ×2; cross/self-attention injection 0.4/0.6 (the defaults of the settings)."""
+        attention ×2; cross/self-attention injection 0.4/0.6 (the defaults of the settings). The edit, an
+        IMAGE [1, H, W, 3]."""
+        from ...host import sd as host_sd
+        from ...models import inversion as ni
         model, sd_clip, vae = self.sd_models
         it, s = job.item, self.config.sd
-        src_tp, tgt_tp = ntn.tokenized(sd_clip, inv.prompt), ntn.tokenized(sd_clip, it.prompt)
+        target = it.prompt.strip()
+        if not target:
+            raise ValueError("prompt-to-prompt needs a target prompt (the caption with the change)")
+        inv.check_guidance(s["guidance"])
+        src_tp, tgt_tp = host_sd.tokenized(sd_clip, inv.prompt), host_sd.tokenized(sd_clip, target)
         mode = "replace" if len(src_tp.words) == len(tgt_tp.words) else "refine"
         words = it.blended_word.split()
-        reweight = ""
+        reweight = {}
         if len(words) >= 2:
             try:
                 tgt_tp.positions(words[1])
-                reweight = words[1]
+                reweight = {w: 2.0 for w in ni.split_words(words[1])}
             except ValueError:
                 pass
-        images, = ntn.NullTextEdit().edit(model, sd_clip, vae, inv, it.prompt, mode=mode,
-                                          cross_replace_steps=s["cross_replace_steps"],
-                                          self_replace_steps=s["self_replace_steps"], reweight_words=reweight,
-                                          reweight_factor=2.0 if reweight else 1.0, guidance=s["guidance"],
-                                          blend_words=" ".join(words[:2]) if len(words) >= 2 else "")
-        return images[1:2]  # [reconstruction, edit]
-
+        blend = ni.split_words(" ".join(words[:2])) if len(words) >= 2 else []
+        ctrl = ni.controller(inv, src_tp, tgt_tp, mode, cross_replace_steps=s["cross_replace_steps"],
+                             self_replace_steps=s["self_replace_steps"], reweight=reweight, blend_words=blend)
+        sd = host_sd.SDModel(model, ctrl)
+        z = ni.edit(sd, inv, host_sd.encode_text(sd_clip, target), ctrl, s["guidance"])
+        return sd.decode(vae, z)[1:2]  # [reconstruction, edit]

@@ -1,6 +1,6 @@
 """Ray worker setup: make the pack importable as ``blended_diffusion`` in every worker process.
 
-Ray sends the actor class by reference (``blended_diffusion.bench.runner``), so each worker must import the
+Ray sends the actor class by reference (``blended_diffusion.cli.bench.runner``), so each worker must import the
 pack by that name. A pip install provides it; a checkout in ComfyUI's ``custom_nodes/comfyui-blended-diffusion``
 (a folder name that is no Python name) does not. ``hook(root)`` returns the function Ray runs first in each
 worker (``runtime_env["worker_process_setup_hook"]``): where the driver's pack folder ``root`` exists (the

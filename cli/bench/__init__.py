@@ -1,26 +1,30 @@
-"""The ``bench`` subcommand: parser and command (registered by cli.py)."""
+"""``blended-diffusion bench``: benchmark-scale editing and evaluation (PIE-Bench or a manifest), in this process
+or on a Ray cluster. data.py reads datasets, worker.py edits and measures one item with loaded models, runner.py
+feeds the items to one local worker or to Ray actors and writes what comes back, report.py summarises,
+bootstrap.py makes the pack importable in Ray workers; this module is the subcommand (``add_parser``,
+``cmd_bench``: check, select, configure, run, summarise). The metrics are models/metrics.py (shared with
+Evaluate Edit and the fidelity curve)."""
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
 from pathlib import Path
 
-from . import data, report, runner
-from .worker import METHODS, SD_METHODS, Config
+from .. import CLIError
+from ..common import (COMFYUI_FIX, add_diffusion_args, add_model_args, add_parser as new_parser, check_at_least_one,
+                      check_skip, check_weights, import_comfyui, log, resolve_device, resolve_weights, summary,
+                      write_json)
+from .data import METHODS, SD_METHODS
 
-log = logging.getLogger("blended_diffusion.cli")
-summary = logging.getLogger("blended_diffusion.cli.summary")
 RUN_FILE = "bench.json"
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from .. import cli
-    b = sub.add_parser(
-        "bench", help="edit and evaluate a dataset (PIE-Bench or a manifest), locally or on a Ray cluster",
+    b = new_parser(
+        sub, "bench", help="edit and evaluate a dataset (PIE-Bench or a manifest), locally or on a Ray cluster",
         description="Benchmark-scale editing and evaluation. DATASET is PIE-Bench's data/ folder (mapping_file.json "
                     "+ annotation_images/) or a .jsonl/.csv manifest (image, mask, prompt, source_prompt, id). Each "
                     "finished (item, method) is written at once (its image and a row in results.jsonl); re-running "
@@ -35,12 +39,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="only these edit types (PIE-Bench editing_type_id, comma-separated, e.g. 1,2)")
     b.add_argument("--limit", type=int, default=None, help="only the first N items (after the filters)")
     g = b.add_argument_group("Blended Diffusion (as `edit`)")
-    cli._add_diffusion_args(g)
+    add_diffusion_args(g)
     g.add_argument("--skip_timesteps", type=int, default=25, help="skipped respaced steps (edit's default)")
     g.add_argument("--batch_size", type=int, default=1,
                    help="results per item; with more than one the best by CLIP under the mask is kept and measured")
     g.add_argument("--fast", action="store_true", help="fast guidance (no UNet backward), as `edit --fast`")
-    cli._add_model_args(b)
+    add_model_args(b)
     m = b.add_argument_group("metrics")
     m.add_argument("--metric-clip", dest="metric_clip", metavar="PATH", default=None,
                    help="OpenAI-format CLIP for the CLIP similarities (PIE-Bench uses ViT-L/14, e.g. ViT-L-14.pt); "
@@ -76,58 +80,55 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return b
 
 
-def _check(args, cli) -> list[str]:
+def check_inputs(args) -> list[str]:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise cli.CLIError(f"--methods {args.methods!r}: use one or more of {', '.join(METHODS)}")
+        raise CLIError(f"--methods {args.methods!r}: use one or more of {', '.join(METHODS)}")
     methods = list(dict.fromkeys(methods))
-    for flag, name in (("--batch_size", "batch_size"), ("--aug_num", "aug_num"), ("--max-attempts", "max_attempts")):
-        if getattr(args, name) < 1:
-            raise cli.CLIError(f"{flag} = {getattr(args, name)}: it must be at least 1")
+    check_at_least_one(args, ("batch_size", "aug_num"))
+    if args.max_attempts < 1:
+        raise CLIError(f"--max-attempts = {args.max_attempts}: it must be at least 1")
     for name, value in (("--limit", args.limit), ("--threads", args.threads), ("--ray-cpus", args.ray_cpus)):
         if value is not None and value < 1:
-            raise cli.CLIError(f"{name} = {value}: it must be at least 1")
+            raise CLIError(f"{name} = {value}: it must be at least 1")
     if args.ray_cpus is not None and args.ray is None:
-        raise cli.CLIError("--ray-cpus belongs to a Ray run: give --ray local (or auto, or an address) too")
+        raise CLIError("--ray-cpus belongs to a Ray run: give --ray local (or auto, or an address) too")
     if "blended" in methods:
-        cli.check_weights(args, ("clip_guidance_lambda", "range_lambda"))
-        steps = cli.count_steps(args.timestep_respacing)
-        if not 0 <= args.skip_timesteps < steps:
-            raise cli.CLIError(f"--skip_timesteps {args.skip_timesteps} with --timestep_respacing "
-                               f"{args.timestep_respacing} ({steps} steps): use 0 to {steps - 1}")
+        check_weights(args, ("clip_guidance_lambda", "range_lambda"))
+        check_skip(args.skip_timesteps, args.timestep_respacing)
     sd = [m for m in methods if m in SD_METHODS]
     if sd:
         if args.sd_checkpoint is None:
-            raise cli.CLIError(f"--methods {','.join(sd)} edit with Stable Diffusion: give --sd-checkpoint FILE "
-                               "(and --comfyui DIR)")
+            raise CLIError(f"--methods {','.join(sd)} edit with Stable Diffusion: give --sd-checkpoint FILE "
+                           "(and --comfyui DIR)")
         if not Path(args.sd_checkpoint).expanduser().is_file():
-            raise cli.CLIError(f"--sd-checkpoint {args.sd_checkpoint}: file not found")
+            raise CLIError(f"--sd-checkpoint {args.sd_checkpoint}: file not found")
         if args.steps < 2:
-            raise cli.CLIError(f"--steps = {args.steps}: it must be at least 2")
+            raise CLIError(f"--steps = {args.steps}: it must be at least 2")
         if args.inner_steps < 0:
-            raise cli.CLIError(f"--inner-steps = {args.inner_steps}: it must be >= 0")
+            raise CLIError(f"--inner-steps = {args.inner_steps}: it must be >= 0")
         if not 1 <= args.guidance < float("inf"):
-            raise cli.CLIError(f"--guidance = {args.guidance}: it must be a finite number >= 1")
+            raise CLIError(f"--guidance = {args.guidance}: it must be a finite number >= 1")
         for flag, v in (("--t0", args.t0), ("--cross-replace-steps", args.cross_replace_steps),
                         ("--self-replace-steps", args.self_replace_steps)):
             if not 0 <= v <= 1 or (flag == "--t0" and v == 0):
-                raise cli.CLIError(f"{flag} = {v}: it must be in {'(0, 1]' if flag == '--t0' else '[0, 1]'}")
+                raise CLIError(f"{flag} = {v}: it must be in {'(0, 1]' if flag == '--t0' else '[0, 1]'}")
     elif args.sd_checkpoint is not None:
         log.warning("--sd-checkpoint is unused: add p2p, sdedit or sdedit-plain to --methods")
     for flag, value in (("--metric-clip", args.metric_clip), ("--dino", args.dino)):
         if value is not None and not Path(value).expanduser().is_file():
-            raise cli.CLIError(f"{flag} {value}: file not found")
+            raise CLIError(f"{flag} {value}: file not found")
     return methods
 
 
-def _select(items: list[data.Item], args, cli) -> list[data.Item]:
+def select(items: list, args) -> list:
     if args.ids:
         wanted = [i.strip() for i in args.ids.split(",") if i.strip()]
         known = {it.id for it in items}
         missing = [i for i in wanted if i not in known]
         if missing:
-            raise cli.CLIError(f"--ids: no item {', '.join(map(repr, missing[:5]))} in the dataset")
+            raise CLIError(f"--ids: no item {', '.join(map(repr, missing[:5]))} in the dataset")
         items = [it for it in items if it.id in set(wanted)]
     if args.edit_types:
         types = {t.strip() for t in args.edit_types.split(",") if t.strip()}
@@ -135,7 +136,7 @@ def _select(items: list[data.Item], args, cli) -> list[data.Item]:
     return items[:args.limit] if args.limit else items
 
 
-def _run_record(out_dir: Path, dataset: str, settings: dict, argv, cli) -> dict:
+def run_record(out_dir: Path, dataset: str, settings: dict, argv) -> dict:
     """bench.json: what this output folder holds. Settings of a method already in it must not change (its rows
     would mix); another method may be added."""
     path = out_dir / RUN_FILE
@@ -144,102 +145,113 @@ def _run_record(out_dir: Path, dataset: str, settings: dict, argv, cli) -> dict:
         try:
             record = json.loads(path.read_text())
         except json.JSONDecodeError:
-            raise cli.CLIError(f"{path} is damaged: remove it (the rows in results.jsonl stay) or use another "
-                               "--output_path") from None
+            raise CLIError(f"{path} is damaged: remove it (the rows in results.jsonl stay) or use another "
+                           "--output_path") from None
         if record.get("dataset") != dataset:
             log.warning("%s held a run of %s; now %s", out_dir, record.get("dataset"), dataset)
         for method, new in settings.items():
             old = record.get("settings", {}).get(method)
             if old is not None and old != new:
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-                raise cli.CLIError(f"{out_dir} holds {method} results made with other settings ({', '.join(diff)}): "
-                                   "use the same settings to resume, or another --output_path")
+                raise CLIError(f"{out_dir} holds {method} results made with other settings ({', '.join(diff)}): "
+                               "use the same settings to resume, or another --output_path")
     record["dataset"] = dataset
     record.setdefault("settings", {}).update(settings)
     record.setdefault("runs", []).append({"argv": argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return record
 
 
-def cmd_bench(args) -> int:
-    from .. import cli
-    methods = _check(args, cli)
-    ray_mode = args.ray is not None
+def check_comfyui(args, ray_mode: bool) -> None:
+    """ComfyUI for the SD methods: imported here (the local run), or its folder checked (Ray workers import it)."""
     if ray_mode:
-        runner.import_ray()  # before any work: an error line if Ray is missing
-    device = None
-    if not ray_mode:
-        device = cli.resolve_device(args.device, args.gpu_id)
+        path = args.comfyui or os.environ.get("COMFYUI_PATH")
+        if not path or not (Path(path).expanduser() / "comfy" / "sd.py").is_file():
+            raise CLIError(f"--comfyui {path}: not a ComfyUI installation. {COMFYUI_FIX}")
+    else:
+        import_comfyui(args.comfyui, resolve_device(args.device, args.gpu_id))
+
+
+def read_items(args) -> list:
+    from . import data
+    try:
+        items = select(data.load(args.dataset), args)
+    except data.DatasetError as e:
+        raise CLIError(str(e)) from None
+    if not items:
+        raise CLIError(f"{args.dataset}: no item to run (check --ids / --edit-types / --limit)")
+    return items
+
+
+def make_config(args, methods: list[str]):
+    """The workers' Config (plain values): the weight files by name until ``resolve_files``."""
+    from ...models.weights import DEFAULT_WEIGHTS
+    from .worker import Config
+    key = "ddpm_512" if args.model_output_size == 512 else "ddpm_256"
     sd = {"checkpoint": str(Path(args.sd_checkpoint).expanduser().resolve()) if args.sd_checkpoint else None,
           "comfyui": args.comfyui, "steps": args.steps, "guidance": args.guidance, "inner_steps": args.inner_steps,
           "t0": args.t0, "cross_replace_steps": args.cross_replace_steps,
           "self_replace_steps": args.self_replace_steps}
-    if any(m in SD_METHODS for m in methods):
-        if ray_mode:  # the workers import it; check the folder here
-            path = args.comfyui or os.environ.get("COMFYUI_PATH")
-            if not path or not (Path(path).expanduser() / "comfy" / "sd.py").is_file():
-                raise cli.CLIError(f"--comfyui {path}: not a ComfyUI installation. {cli.COMFYUI_FIX}")
-        else:
-            cli.import_comfyui(args.comfyui, device)
-    try:
-        items = _select(data.load(args.dataset), args, cli)
-    except data.DatasetError as e:
-        raise cli.CLIError(str(e)) from None
-    if not items:
-        raise cli.CLIError(f"{args.dataset}: no item to run (check --ids / --edit-types / --limit)")
-    from ..models.weights import DEFAULT_WEIGHTS
-    key = "ddpm_512" if args.model_output_size == 512 else "ddpm_256"
     blended = {"timestep_respacing": args.timestep_respacing, "skip_timesteps": args.skip_timesteps,
                "ddim": args.ddim, "aug_num": args.aug_num, "clip_guidance_lambda": args.clip_guidance_lambda,
                "range_lambda": args.range_lambda, "batch_size": args.batch_size, "fast": args.fast}
-    config = Config(methods=methods, clip=args.clip or DEFAULT_WEIGHTS["clip"].name,
-                    ddpm=(args.model or DEFAULT_WEIGHTS[key].name) if "blended" in methods else None,
-                    metric_clip=str(Path(args.metric_clip).expanduser().resolve()) if args.metric_clip else None,
-                    dino=str(Path(args.dino).expanduser().resolve()) if args.dino else None,
-                    lpips_net=args.lpips_net, device=args.device, gpu_id=args.gpu_id, precision=args.precision,
-                    clip_precision=args.clip_precision, seed=args.seed, blended=blended, sd=sd)
-    out = runner.Output(args.output_path)
-    record = _run_record(out.dir, str(Path(args.dataset).resolve()), {m: config.settings(m) for m in methods},
-                         args.argv, cli)  # before anything is skipped: the finished rows must be this run's kind
-    before = len(out.rows())
+    return Config(methods=methods, clip=args.clip or DEFAULT_WEIGHTS["clip"].name,
+                  ddpm=(args.model or DEFAULT_WEIGHTS[key].name) if "blended" in methods else None,
+                  metric_clip=str(Path(args.metric_clip).expanduser().resolve()) if args.metric_clip else None,
+                  dino=str(Path(args.dino).expanduser().resolve()) if args.dino else None,
+                  lpips_net=args.lpips_net, device=args.device, gpu_id=args.gpu_id, precision=args.precision,
+                  clip_precision=args.clip_precision, seed=args.seed, blended=blended, sd=sd)
+
+
+def pending_work(items: list, methods: list[str], out) -> list:
+    """(item, methods not finished in ``out``) of every item with something left to run."""
     done = out.finished()
-    work = [(it, [m for m in methods if (it.id, m) not in done]) for it in items]
-    work = [(it, ms) for it, ms in work if ms]
     skipped = sum(1 for it in items for m in methods if (it.id, m) in done)
     if skipped:
         log.info("%d finished (item, method) pair(s) in %s: skipped", skipped, out.path)
-    notes = []
-    if args.dino is None:
-        note = ("structure_distance is empty: it needs DINO ViT weights (--dino PATH, PIE-Bench uses "
-                "dino_vitb8_pretrain.pth)")
-        log.warning(note)
-        notes.append(note)
-    if work:  # the weight files (downloaded if missing) only when there is something to run
-        ddpm_file, clip_file = cli.resolve_weights(args, need_ddpm=config.ddpm is not None, need_clip=True)
-        if config.ddpm is not None:
-            config.ddpm = str(ddpm_file)
-        config.clip = str(clip_file)
-        out.dir.mkdir(parents=True, exist_ok=True)
-        cli.write_json(out.dir / RUN_FILE, record)
-    t0 = time.time()
-    interrupted = False
-    stats = None
-    if work:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(work), desc="bench", unit="item", file=sys.stderr, dynamic_ncols=True)
-        try:
-            if ray_mode:
-                stats = runner.run_ray(work, config, out, address=args.ray, cpus=args.ray_cpus,
-                                       max_attempts=args.max_attempts, progress=bar, verbose=args.verbose,
-                                       threads=args.threads)
-            else:
-                runner.run_local(work, config, out, progress=bar, threads=args.threads)
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            bar.close()
+    work = [(it, [m for m in methods if (it.id, m) not in done]) for it in items]
+    return [(it, ms) for it, ms in work if ms]
+
+
+def dino_notes(args) -> list[str]:
+    if args.dino is not None:
+        return []
+    note = ("structure_distance is empty: it needs DINO ViT weights (--dino PATH, PIE-Bench uses "
+            "dino_vitb8_pretrain.pth)")
+    log.warning(note)
+    return [note]
+
+
+def resolve_files(args, config) -> None:
+    """The weight files (downloaded if missing, all missing ones named in one error) into the config."""
+    ddpm_file, clip_file = resolve_weights(args, need_ddpm=config.ddpm is not None, need_clip=True)
+    if ddpm_file is not None:
+        config.ddpm = str(ddpm_file)
+    config.clip = str(clip_file)
+
+
+def run_work(args, work: list, config, out) -> tuple[dict | None, bool]:
+    """(Ray's counts or None, interrupted): the work on Ray or here, every result written as it arrives."""
+    from tqdm.auto import tqdm
+
+    from . import runner
+    bar = tqdm(total=len(work), desc="bench", unit="item", file=sys.stderr, dynamic_ncols=True)
+    try:
+        if args.ray is not None:
+            return runner.run_ray(work, config, out, address=args.ray, cpus=args.ray_cpus,
+                                  max_attempts=args.max_attempts, progress=bar, verbose=args.verbose,
+                                  threads=args.threads), False
+        runner.run_local(work, config, out, progress=bar, threads=args.threads)
+        return None, False
+    except KeyboardInterrupt:
+        return None, True
+    finally:
+        bar.close()
+
+
+def report_run(out, before: int, notes: list[str], stats: dict | None, seconds: float) -> None:
+    from . import report
     rows = out.rows()
     lines = report.write(out.dir, rows, notes)
-    new = len(rows) - before
     errors = sum(1 for r in report.latest(rows) if r.get("error") is not None)
     if stats and stats["worker_deaths"]:
         summary.info("Ray: %d worker death(s), %d item(s) re-run", stats["worker_deaths"], stats["retries"])
@@ -247,10 +259,36 @@ def cmd_bench(args) -> int:
         if line["edit_type"] == "all":
             summary.info("%-40s %d item(s), %d error(s); CLIP whole %s, background PSNR %s, LPIPS %s",
                          METHODS.get(line["method"], line["method"]), line["items"], line["errors"],
-                         report._fmt(line["clip_similarity_target_image"]), report._fmt(line["psnr_unedit_part"]),
-                         report._fmt(line["lpips_unedit_part"]))
-    summary.info("%s: %d new row(s) in %.1f s, %d (item, method) pair(s) failed; summary %s, %s, %s", out.path, new,
-                 time.time() - t0, errors, out.dir / "summary.csv", out.dir / "summary.md", out.dir / "summary.png")
+                         report.fmt(line["clip_similarity_target_image"]), report.fmt(line["psnr_unedit_part"]),
+                         report.fmt(line["lpips_unedit_part"]))
+    summary.info("%s: %d new row(s) in %.1f s, %d (item, method) pair(s) failed; summary %s, %s, %s", out.path,
+                 len(rows) - before, seconds, errors, out.dir / "summary.csv", out.dir / "summary.md",
+                 out.dir / "summary.png")
+
+
+def cmd_bench(args) -> int:
+    from . import runner
+    methods = check_inputs(args)
+    if args.ray is not None:
+        runner.import_ray()  # before any work: an error line if Ray is missing
+    if any(m in SD_METHODS for m in methods):
+        check_comfyui(args, args.ray is not None)
+    items = read_items(args)
+    config = make_config(args, methods)
+    out = runner.Output(args.output_path)
+    record = run_record(out.dir, str(Path(args.dataset).resolve()), {m: config.settings(m) for m in methods},
+                        args.argv)  # before anything is skipped: the finished rows must be this run's kind
+    before = len(out.rows())
+    work = pending_work(items, methods, out)
+    notes = dino_notes(args)
+    t0 = time.time()
+    stats, interrupted = None, False
+    if work:  # the weight files (downloaded if missing) only when there is something to run
+        resolve_files(args, config)
+        out.dir.mkdir(parents=True, exist_ok=True)
+        write_json(out.dir / RUN_FILE, record)
+        stats, interrupted = run_work(args, work, config, out)
+    report_run(out, before, notes, stats, time.time() - t0)
     if interrupted:
         log.warning("interrupted: the finished rows are kept; run the same command again to resume")
         return 130

@@ -20,7 +20,7 @@ MAX_VARIANTS = 8  # schedules / precisions kept on top of them
 
 _weights: dict[str, OrderedDict] = {"ddpm": OrderedDict(), "clip_guidance": OrderedDict()}
 _variants: dict[str, OrderedDict] = {"ddpm": OrderedDict(), "clip_guidance": OrderedDict()}
-PRECISIONS = ["fp32", "fp16", "bf16"]
+PRECISIONS = ["fp32", "fp16", "bf16", "auto"]  # auto: what the host picks for its device (host.auto_precision)
 
 
 def _file_key(path: str, device) -> tuple:
@@ -44,7 +44,7 @@ def clear_cache() -> None:
 
 def _cached(kind: str, path: str, variant: tuple, load, rebuild):
     """The object for (file, device, *variant): cached, rebuilt on cached weights, or loaded."""
-    device = host.torch_device()
+    device = host.model_build_device()  # ComfyUI moves it to its compute device when a node needs it
     fkey = _file_key(path, device)
     key = fkey + variant
     variants, weights = _variants[kind], _weights[kind]
@@ -69,6 +69,8 @@ def _cached(kind: str, path: str, variant: tuple, load, rebuild):
 
 def get_ddpm(path: str, respacing: str = "100", precision: str = "fp32") -> DDPM:
     respacing = str(respacing).strip()
+    if precision == "auto":
+        precision = host.auto_precision("ddpm")
 
     return _cached("ddpm", path, (respacing, precision),
                    lambda dev: load_ddpm(path, respacing=respacing, precision=precision, device=dev),
@@ -76,6 +78,8 @@ def get_ddpm(path: str, respacing: str = "100", precision: str = "fp32") -> DDPM
 
 
 def get_clip(path: str, precision: str = "fp32") -> ClipModel:
+    if precision == "auto":
+        precision = host.auto_precision("clip_guidance")
     return _cached("clip_guidance", path, (precision,),
                    lambda dev: load_clip(path, device=dev, precision=precision),
                    lambda base: ClipModel(base.model, base.path, precision))
@@ -101,7 +105,8 @@ class LoadDDPM:
                 "does not reload the weights."}),
             "precision": (PRECISIONS, {"default": "fp32", "tooltip":
                 "Compute precision of the UNet (autocast). fp16/bf16 save memory and time on a GPU; "
-                "fp32 is the reference."}),
+                "fp32 is the reference. auto: what ComfyUI picks for its device (its --fp16-unet / "
+                "--bf16-unet / --force-fp32 flags apply)."}),
         }}
 
     RETURN_TYPES = (DDPM_T,)
@@ -124,7 +129,8 @@ class LoadCLIP:
                 "OpenAI-format CLIP with image and text towers in models/clip_guidance (e.g. ViT-B-16.pt "
                 "as in the paper; TorchScript .pt, state-dict .pt/.bin or .safetensors)."}),
             "precision": (PRECISIONS, {"default": "fp32", "tooltip":
-                "Compute precision of CLIP (autocast); fp32 is the reference."}),
+                "Compute precision of CLIP (autocast); fp32 is the reference. auto: what ComfyUI picks for "
+                "a text encoder on its device (--fp32-text-enc, --force-fp32 apply)."}),
         }}
 
     RETURN_TYPES = (CLIP_T,)

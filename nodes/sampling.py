@@ -302,7 +302,8 @@ class BlendedDiffusionSampler:
         kw = dict(skip_timesteps=noise.skip_timesteps, seed=seed, batch_size=batch_size,
                   ddim=sampler == "DDIM", blend=blend is not None,
                   enforce_background=blend.enforce_background if blend is not None else False,
-                  class_label=None if class_label < 0 else class_label, context=context, callback=callback)
+                  class_label=None if class_label < 0 else class_label, context=context, callback=callback,
+                  on_oom=host.on_out_of_memory)
         try:
             if noise.noise is None and not noise.invert:
                 out = edit(ddpm, image, m, guide, **kw)

@@ -22,6 +22,7 @@ import torch
 
 from ..models.weights import EXAMPLES_DIR
 from ..models.weights import FOLDERS as KINDS
+from ..models import weights as _weights
 from ..models.weights import search_dirs
 from ..render import to_pil
 
@@ -88,6 +89,50 @@ def model_path(kind: str, name: str) -> str:
             return str(root / name)
     raise FileNotFoundError(f"{name!r} is not in {' or '.join(map(str, dirs))}: put the file there "
                             "(or point BLENDED_DIFFUSION_MODELS at a folder holding ddpm/ and clip_guidance/)")
+
+
+def download_dir(kind: str) -> Path:
+    """Where a missing official file of ``kind`` is downloaded: ComfyUI's first folder of that kind (models/ddpm,
+    models/clip_guidance, or an extra_model_paths.yaml entry marked default); standalone the first lookup folder."""
+    if IN_COMFYUI:
+        return Path(_fp.get_folder_paths(kind)[0])
+    return search_dirs(kind)[0]
+
+
+def fetch_model(kind: str, name: str) -> str:
+    """``model_path``, downloading an official file (models.weights.DEFAULT_WEIGHTS: 256x256_diffusion_uncond.pt,
+    512x512_diffusion.pt, ViT-B-16.pt) that is missing, with the command line's download code (.part, resume,
+    sha256) and its progress on the node (a bar standalone); Cancel stops it (the .part is resumed next time).
+    ``$BLENDED_DIFFUSION_OFFLINE=1`` forbids the download: the error names the URL and the folder."""
+    try:
+        return model_path(kind, name)
+    except FileNotFoundError:
+        weight = _weights.official_file(kind, name)
+        if weight is None:
+            raise
+    dest = download_dir(kind) / name
+    if _weights.offline():
+        raise _weights.WeightsError(
+            f"{name} ({weight.description}) is missing and {_weights.ENV_OFFLINE} forbids downloads: download it "
+            f"from {weight.url} and put it in {dest.parent}")
+    log.info("%s is missing: downloading it from %s to %s", name, weight.url, dest)
+    bar = Progress(1000, f"downloading {name}") if IN_COMFYUI else None
+    shown = [-1]
+
+    def report(got, total):
+        if bar is not None and total:
+            permille = int(1000 * got / total)
+            if permille != shown[0]:  # at most 1000 updates to the frontend
+                shown[0] = permille
+                bar.update(permille)
+        check_interrupt()
+
+    try:
+        path = _weights.download_file(weight.url, dest, weight=weight, progress=not IN_COMFYUI, report=report)
+    finally:
+        if bar is not None:
+            bar.close()
+    return str(path)
 
 
 def output_dir() -> Path:

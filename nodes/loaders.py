@@ -10,6 +10,7 @@ from collections import OrderedDict
 import torch
 
 from ..models import ClipModel, DDPM, load_clip, load_ddpm
+from ..models.weights import official
 from .. import host
 from .common import CATEGORY, CLIP_T, DDPM_T
 
@@ -86,7 +87,8 @@ def get_clip(path: str, precision: str = "fp32") -> ClipModel:
 
 
 def _combo(kind: str, default: str) -> tuple:
-    names = host.list_models(kind)
+    """The files present plus the official files not yet downloaded (fetched on first use, host.fetch_model)."""
+    names = sorted(set(host.list_models(kind)) | {w.name for w in official(kind)})
     opts = {"default": default} if default in names else {}
     return names, opts
 
@@ -98,7 +100,8 @@ class LoadDDPM:
         return {"required": {
             "ckpt_name": (names, {**opts, "tooltip":
                 "guided-diffusion checkpoint in models/ddpm (e.g. 256x256_diffusion_uncond.pt, the "
-                "paper's model; 512x512_diffusion.pt is class-conditional)."}),
+                "paper's model; 512x512_diffusion.pt is class-conditional). The official files are listed even "
+                "when absent and downloaded on first use (not with BLENDED_DIFFUSION_OFFLINE=1)."}),
             "respacing": ("STRING", {"default": "100", "tooltip":
                 "Timestep respacing: number of denoising steps kept from the 1000 ('100' as in the paper, "
                 "'ddim50' for a DDIM-friendly spacing, or per-section counts like '10,10,10'). Changing it "
@@ -117,7 +120,7 @@ class LoadDDPM:
     DESCRIPTION = "Loads a guided-diffusion pixel DDPM (the model Blended Diffusion edits with)."
 
     def load(self, ckpt_name, respacing="100", precision="fp32"):
-        return (get_ddpm(host.model_path("ddpm", ckpt_name), respacing, precision),)
+        return (get_ddpm(host.fetch_model("ddpm", ckpt_name), respacing, precision),)
 
 
 class LoadCLIP:
@@ -127,7 +130,8 @@ class LoadCLIP:
         return {"required": {
             "clip_name": (names, {**opts, "tooltip":
                 "OpenAI-format CLIP with image and text towers in models/clip_guidance (e.g. ViT-B-16.pt "
-                "as in the paper; TorchScript .pt, state-dict .pt/.bin or .safetensors)."}),
+                "as in the paper; TorchScript .pt, state-dict .pt/.bin or .safetensors). ViT-B-16.pt is listed "
+                "even when absent and downloaded on first use (not with BLENDED_DIFFUSION_OFFLINE=1)."}),
             "precision": (PRECISIONS, {"default": "fp32", "tooltip":
                 "Compute precision of CLIP (autocast); fp32 is the reference. auto: what ComfyUI picks for "
                 "a text encoder on its device (--fp32-text-enc, --force-fp32 apply)."}),
@@ -141,4 +145,4 @@ class LoadCLIP:
     DESCRIPTION = "Loads a CLIP model used as the text-guidance loss (not ComfyUI's text-encoder CLIP)."
 
     def load(self, clip_name, precision="fp32"):
-        return (get_clip(host.model_path("clip_guidance", clip_name), precision),)
+        return (get_clip(host.fetch_model("clip_guidance", clip_name), precision),)

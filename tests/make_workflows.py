@@ -26,6 +26,7 @@ API_DIR = UI_DIR / "api"
 
 DDPM_FILE = "256x256_diffusion_uncond.pt"
 CLIP_FILE = "ViT-B-16.pt"
+LOADER_FOLDERS = {"LoadDDPM": ("ddpm", "ckpt_name"), "LoadCLIP": ("clip_guidance", "clip_name")}
 SEED_CONTROL = "fixed"  # control_after_generate value saved after seed / noise_seed widgets
 MAX_RESOLUTION = 16384
 
@@ -325,6 +326,12 @@ def to_ui(wf: Workflow) -> dict:
                              "links": out_links.get((n.id, i), []), "slot_index": i}
                             for i, t in enumerate(spec["output"])]
             d["properties"] = {"Node name for S&R": n.type}
+            if n.type in LOADER_FOLDERS:  # the frontend's missing-models dialog (properties.models)
+                from blended_diffusion.models.weights import model_metadata
+                kind, widget = LOADER_FOLDERS[n.type]
+                models = model_metadata(kind, n.widgets[widget])
+                if models:
+                    d["properties"]["models"] = models
             d["widgets_values"] = widget_values(n)
         if n.title:
             d["title"] = n.title

@@ -141,3 +141,31 @@ def test_auto_precision_is_comfyuis_choice(comfy_models):
 def test_out_of_memory_hook_on_cpu_frees_nothing(comfy_models):
     """On the CPU there is no device memory to free: the hook says so and the batch is split instead."""
     assert host.on_out_of_memory("cpu") is False
+
+
+def test_loader_downloads_an_official_file_into_comfyuis_folder(comfy_models, tmp_path, monkeypatch):
+    """LoadCLIP offers ViT-B-16.pt though absent, and fetches it (local server) into ComfyUI's first
+    clip_guidance folder, with its progress on ComfyUI's progress bar."""
+    from local_http import official_from, serve
+    import comfy.utils
+    served, empty = tmp_path / "served", tmp_path / "empty_clip"
+    served.mkdir()
+    (served / "ViT-B-16.pt").write_bytes((comfy_models / "clip_guidance" / "ViT-B-16.pt").read_bytes())
+    saved = folder_paths.folder_names_and_paths["clip_guidance"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "clip_guidance", ([str(empty)], saved[1]))
+    folder_paths.filename_list_cache.pop("clip_guidance", None)
+    assert host.list_models("clip_guidance") == []
+    assert "ViT-B-16.pt" in N["LoadCLIP"].INPUT_TYPES()["required"]["clip_name"][0]
+    seen = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None:
+                        seen.append((value, total)))
+    loaders.clear_cache()
+    with serve(served) as url:
+        official_from(monkeypatch, "clip", served / "ViT-B-16.pt", url)
+        with torch.inference_mode():
+            clip = N["LoadCLIP"]().load("ViT-B-16.pt", "fp32")[0]
+    assert (empty / "ViT-B-16.pt").read_bytes() == (served / "ViT-B-16.pt").read_bytes()
+    assert clip.path == str(empty / "ViT-B-16.pt")
+    assert seen and seen[-1] == (1000, 1000)
+    folder_paths.filename_list_cache.pop("clip_guidance", None)
+    loaders.clear_cache()

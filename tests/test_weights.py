@@ -240,3 +240,33 @@ def test_unresolvable_host_fails_at_once_without_retries(tmp_path, caplog):
     msg = str(e.value)
     assert f"the host {UNRESOLVABLE} cannot be resolved" in msg and url in msg and str(tmp_path) in msg
     assert leftovers(tmp_path) == []
+
+
+def test_offline_switch_and_progress_report(tmp_path, monkeypatch):
+    """Issue 13: BLENDED_DIFFUSION_OFFLINE=1 turns downloads off (error with URL and folder); ``report(got, total)``
+    follows every chunk (the nodes show it as progress); a report that raises (Cancel) keeps the .part to resume."""
+    monkeypatch.setenv(W.ENV_MODELS_DIR, str(tmp_path))
+    monkeypatch.setenv(W.ENV_OFFLINE, "1")
+    assert W.offline()
+    with pytest.raises(W.WeightsError, match=W.ENV_OFFLINE) as e:
+        W.ensure("ddpm_256", pack_root=tmp_path / "pack")
+    assert W.DDPM_256.url in str(e.value) and str(tmp_path / "ddpm") in str(e.value)
+    for off in ("0", "", "false"):
+        monkeypatch.setenv(W.ENV_OFFLINE, off)
+        assert not W.offline()
+    seen = []
+    with Server() as s:
+        W.download_file(s.url, tmp_path / "a.pt", weight=weight(s.url), backoff=0, chunk_size=65536,
+                        progress=False, report=lambda got, total: seen.append((got, total)))
+
+        class Cancelled(Exception):
+            pass
+
+        def cancel(got, total):
+            raise Cancelled
+
+        with pytest.raises(Cancelled):
+            W.download_file(s.url, tmp_path / "b.pt", weight=weight(s.url), backoff=0, chunk_size=65536,
+                            progress=False, report=cancel)
+    assert seen[-1] == (len(PAYLOAD), len(PAYLOAD)) and [g for g, _ in seen] == sorted(g for g, _ in seen)
+    assert len(seen) > 1 and leftovers(tmp_path).count("b.pt.part") == 1 and "b.pt" not in leftovers(tmp_path)

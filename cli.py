@@ -271,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "found. With --download, fetches missing ones (checked by sha256).")
     w.add_argument("--download", action="store_true", help="download the missing default files")
     w.add_argument("--include_512", action="store_true", help="also the 512x512 class-conditional model")
+    w.add_argument("--lpips", action="store_true", help="instead: fetch LPIPS's VGG16 backbone into the torch hub cache")
 
     from .bench.command import add_parser as add_bench_parser  # bench/: dataset-scale runs, local or on Ray
     add_bench_parser(sub)
@@ -1350,6 +1351,9 @@ def _applied(workflow: dict, overrides: dict) -> dict:
 # --- weights ------------------------------------------------------------------------------------
 def cmd_weights(args) -> int:
     from .models import weights as W
+    if args.lpips:  # the LPIPS backbone torchvision would download (models/weights.py ensure_lpips)
+        summary.info("%-28s %s", W.LPIPS_VGG.name, W.ensure_lpips("vgg"))
+        return 0
     keys = ["ddpm_256", "clip"] + (["ddpm_512"] if args.include_512 else [])
     missing = 0
     for key in keys:

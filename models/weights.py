@@ -99,6 +99,20 @@ CLIP_VIT_B16 = WeightFile(
 
 DEFAULT_WEIGHTS = {"ddpm_256": DDPM_256, "ddpm_512": DDPM_512, "clip": CLIP_VIT_B16}
 
+# The LPIPS backbones: the lpips package (0.1.4) ships only its linear heads and gets the backbone from torchvision,
+# which downloads it into $TORCH_HOME/hub/checkpoints at construction. torchvision names each file after the first
+# 8 hex digits of its sha256 (and checks them).
+LPIPS_VGG = WeightFile(
+    name="vgg16-397923af.pth", folder="torch hub checkpoints",
+    url="https://download.pytorch.org/models/vgg16-397923af.pth",
+    description="torchvision VGG16 ImageNet weights (the LPIPS backbone: Algorithm 1's background loss, evaluation)",
+    sha256_prefix="397923af")
+LPIPS_ALEX = WeightFile(
+    name="alexnet-owt-7be5be79.pth", folder="torch hub checkpoints",
+    url="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+    description="torchvision AlexNet ImageNet weights (LPIPS net='alex')", sha256_prefix="7be5be79")
+LPIPS_WEIGHTS = {"vgg": LPIPS_VGG, "alex": LPIPS_ALEX}
+
 ENV_OFFLINE = "BLENDED_DIFFUSION_OFFLINE"  # 1: never download weights (nodes, command line, LPIPS backbone)
 
 
@@ -332,3 +346,34 @@ def _fetch(url, part: Path, have: int, h, timeout, chunk_size, progress, name, b
         if total is not None and got < total:
             raise _Retryable(f"connection closed after {got} of {total} bytes")
         return total, h
+
+
+# --- LPIPS backbone -----------------------------------------------------------------------------
+def torch_hub_checkpoints() -> Path:
+    """Where torchvision looks for (and downloads) pretrained weights: ``$TORCH_HOME/hub/checkpoints``, TORCH_HOME
+    defaulting to ``$XDG_CACHE_HOME/torch`` or ``~/.cache/torch`` (torch.hub's rule, without importing torch)."""
+    home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "torch")
+    return Path(home).expanduser() / "hub" / "checkpoints"
+
+
+def lpips_missing_message(net: str = "vgg", reason: object = None) -> str:
+    """The error for an LPIPS backbone that is missing and could not be downloaded: file, URL, folder, command."""
+    w = LPIPS_WEIGHTS[net]
+    why = f" ({reason})" if reason else ""
+    return (f"LPIPS needs torchvision's pretrained {net} backbone {w.name}, which is missing and could not be "
+            f"downloaded{why}. Download {w.url} and put it in {torch_hub_checkpoints()} (the torch hub cache, "
+            "$TORCH_HOME/hub/checkpoints), or run `blended-diffusion weights --lpips` on this machine while online.")
+
+
+def ensure_lpips(net: str = "vgg", *, download: bool = True, progress: bool = True, **download_kw) -> Path:
+    """The LPIPS backbone file in the torch hub cache, downloaded (checked) when missing unless downloads are off
+    (``download=False`` or ``$BLENDED_DIFFUSION_OFFLINE``): then WeightsError names the file, URL and folder."""
+    if net not in LPIPS_WEIGHTS:
+        raise ValueError(f"unknown LPIPS network {net!r}; use one of {sorted(LPIPS_WEIGHTS)}")
+    w = LPIPS_WEIGHTS[net]
+    dest = torch_hub_checkpoints() / w.name
+    if dest.is_file():
+        return dest
+    if not download or offline():
+        raise WeightsError(lpips_missing_message(net, f"{ENV_OFFLINE} is set" if download else "downloads are off"))
+    return download_file(w.url, dest, weight=w, progress=progress, **download_kw)

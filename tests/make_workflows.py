@@ -529,7 +529,10 @@ Algorithm 2 (blended): MaskBlend mixes the noised source into the background at 
 coherent with the kept background, which is preserved exactly.
 The Evaluate nodes report, per result, the CLIP distance to the prompt (lower = closer) and LPIPS and
 max |difference| outside the mask versus the source (0 = background kept exactly).
-Evaluate and the LPIPS background loss use the LPIPS VGG network (torchvision downloads its weights once).
+Evaluate and the LPIPS background loss use the LPIPS VGG network: torchvision's vgg16-397923af.pth in the
+torch hub cache ($TORCH_HOME/hub/checkpoints, by default ~/.cache/torch/hub/checkpoints), downloaded on first use.
+Offline: `blended-diffusion weights --lpips` fetches it (run it once online), or download
+https://download.pytorch.org/models/vgg16-397923af.pth into that folder.
 """ + MASK_NOTE)
     g1 = wf.group("Inputs and models", BLUE)
     g2 = wf.group("Algorithm 1: no blend, background loss", BROWN)

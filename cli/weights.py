@@ -10,11 +10,15 @@ def add_parser(sub):
                                "found. With --download, fetches missing ones (checked by sha256).")
     w.add_argument("--download", action="store_true", help="download the missing default files")
     w.add_argument("--include_512", action="store_true", help="also the 512x512 class-conditional model")
+    w.add_argument("--lpips", action="store_true", help="instead: fetch LPIPS's VGG16 backbone into the torch hub cache")
     return w
 
 
 def cmd_weights(args) -> int:
     from ..models import weights as W
+    if args.lpips:  # the LPIPS backbone torchvision would download (models/weights.py ensure_lpips)
+        summary.info("%-28s %s", W.LPIPS_VGG.name, W.ensure_lpips("vgg"))
+        return 0
     keys = ["ddpm_256", "clip"] + (["ddpm_512"] if args.include_512 else [])
     missing = 0
     for key in keys:

@@ -132,7 +132,8 @@ def edit(ddpm, image: torch.Tensor, mask: torch.Tensor | None, guide: Guide, *,
          skip_timesteps: int = 25, seed: int = 404, batch_size: int = 1, ddim: bool = False,
          blend: bool = True, enforce_background: bool = True, class_label: int | None = None,
          context: float = 0.25, max_batch: int = 64, start: str = "noise", noise_seed: int = 0,
-         x_start: torch.Tensor | None = None, callback: StepCallback | None = None) -> torch.Tensor:
+         x_start: torch.Tensor | None = None, callback: StepCallback | None = None,
+         on_oom=None) -> torch.Tensor:
     """Text-driven edit of every image in ``image``: ``batch_size`` results per image, returned as
     [B·batch_size, 3, H, W] in 0..1. Result j of image b uses the generator (seed, b·batch_size + j).
     With ``blend=False`` this is Algorithm 1 (local CLIP-guided diffusion).
@@ -141,7 +142,9 @@ def edit(ddpm, image: torch.Tensor, mask: torch.Tensor | None, guide: Guide, *,
     noise (the paper), "fixed" = the same ε for every result, drawn from ``noise_seed``, "ddim_inversion" =
     the deterministic DDIM inversion of the source (k more UNet calls; class-conditional models need
     ``class_label``). ``x_start`` [batch_size, 3, S, S] gives x_k directly (every image starts from it).
-    ``callback(done, total, x)`` after every step of the run (total: ``run_steps``)."""
+    ``callback(done, total, x)`` after every step of the run (total: ``run_steps``).
+    ``on_oom(device) -> bool``: the host's memory release, asked once at the first out-of-memory; True (it freed
+    something) retries the same batch first."""
     if start not in STARTS:
         raise ValueError(f"start = {start!r}: use one of {', '.join(STARTS)}")
     image, mask = check_inputs(image, mask, ddpm, skip_timesteps, batch_size)
@@ -182,7 +185,7 @@ def edit(ddpm, image: torch.Tensor, mask: torch.Tensor | None, guide: Guide, *,
                 ddpm, source, k, start, noise_seed=noise_seed, class_label=class_label, callback=step_done)
             if x_k is not None:
                 x_k = x_k.expand(batch_size, -1, -1, -1)
-            done, chunk = 0, min(batch_size, max_batch)
+            done, chunk, host_asked = 0, min(batch_size, max_batch), on_oom is None
             while done < batch_size:
                 n = min(chunk, batch_size - done)
                 try:
@@ -197,6 +200,12 @@ def edit(ddpm, image: torch.Tensor, mask: torch.Tensor | None, guide: Guide, *,
                     if kind is None:
                         raise
                     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    if not host_asked:  # the host frees what it holds (other models) before the batch is split
+                        host_asked = True
+                        gc.collect()
+                        if on_oom(device):
+                            log.warning("out of memory at batch %d: the host freed memory, retrying", n)
+                            continue
                     if n == 1 and kind == "sure":  # an OutOfMemoryError, so hosts run their own OOM handling
                         raise torch.OutOfMemoryError(
                             f"out of memory with a batch of 1: {OOM_FIXES} ({first})") from None

@@ -58,11 +58,18 @@ def _lpips_model(net: str):
     import os
 
     import lpips
+
+    from . import weights as W
     random_backbone = os.environ.get("BLENDED_DIFFUSION_LPIPS_RANDOM") == "1"
+    if not random_backbone and net in W.LPIPS_WEIGHTS and W.offline() and \
+            not (W.torch_hub_checkpoints() / W.LPIPS_WEIGHTS[net].name).is_file():
+        raise W.WeightsError(W.lpips_missing_message(net, f"{W.ENV_OFFLINE} is set"))  # not torchvision's download
     try:
         with torch.inference_mode(False):
             return lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False).eval().requires_grad_(False)
     except Exception as e:
+        if net in W.LPIPS_WEIGHTS:
+            raise W.WeightsError(W.lpips_missing_message(net, e)) from None
         raise RuntimeError(f"LPIPS needs torchvision's pretrained {net} weights, which could not be "
                            f"loaded ({e}); connect to the internet once or put them in the torch hub "
                            "cache ($TORCH_HOME/hub/checkpoints)") from None

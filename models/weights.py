@@ -99,6 +99,45 @@ CLIP_VIT_B16 = WeightFile(
 
 DEFAULT_WEIGHTS = {"ddpm_256": DDPM_256, "ddpm_512": DDPM_512, "clip": CLIP_VIT_B16}
 
+# The LPIPS backbones: the lpips package (0.1.4) ships only its linear heads and gets the backbone from torchvision,
+# which downloads it into $TORCH_HOME/hub/checkpoints at construction. torchvision names each file after the first
+# 8 hex digits of its sha256 (and checks them).
+LPIPS_VGG = WeightFile(
+    name="vgg16-397923af.pth", folder="torch hub checkpoints",
+    url="https://download.pytorch.org/models/vgg16-397923af.pth",
+    description="torchvision VGG16 ImageNet weights (the LPIPS backbone: Algorithm 1's background loss, evaluation)",
+    sha256_prefix="397923af")
+LPIPS_ALEX = WeightFile(
+    name="alexnet-owt-7be5be79.pth", folder="torch hub checkpoints",
+    url="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+    description="torchvision AlexNet ImageNet weights (LPIPS net='alex')", sha256_prefix="7be5be79")
+LPIPS_WEIGHTS = {"vgg": LPIPS_VGG, "alex": LPIPS_ALEX}
+
+ENV_OFFLINE = "BLENDED_DIFFUSION_OFFLINE"  # 1: never download weights (nodes, command line, LPIPS backbone)
+
+
+def offline() -> bool:
+    """Whether ``$BLENDED_DIFFUSION_OFFLINE`` forbids downloads (any value but empty, 0, false, no, off)."""
+    return os.environ.get(ENV_OFFLINE, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def official(folder: str) -> list[WeightFile]:
+    """The published files of one folder ("ddpm" or "clip_guidance"), offered by the loaders even when absent."""
+    return [w for w in DEFAULT_WEIGHTS.values() if w.folder == folder]
+
+
+def official_file(folder: str, name: str) -> WeightFile | None:
+    """The published file of that folder and name, or None."""
+    return next((w for w in official(folder) if w.name == name), None)
+
+
+def model_metadata(folder: str, name: str) -> list[dict]:
+    """ComfyUI frontend model metadata of a loader node choosing ``name`` (a node's ``properties.models``: a
+    list of {name, url, directory}; frontend 1.27 lists the entries whose name is a widget value of the node in
+    its missing-models dialog when the file is not in that model folder). Empty for unpublished files."""
+    w = official_file(folder, name)
+    return [] if w is None else [{"name": w.name, "url": w.url, "directory": w.folder}]
+
 
 # --- folders ------------------------------------------------------------------------------------
 def comfyui_models_dir(pack_root: Path = PACK_ROOT) -> Path | None:
@@ -161,9 +200,10 @@ def ensure(weight: WeightFile | str, *, download: bool = True, progress: bool = 
         log.debug("found %s at %s", weight.name, found)
         return found
     dest = search_dirs(weight.folder, pack_root)[0] / weight.name
-    if not download:
+    if not download or offline():
         raise WeightsError(
-            f"{weight.name} ({weight.description}) is missing and downloads are off. Download it from "
+            f"{weight.name} ({weight.description}) is missing and downloads are off"
+            f"{f' ({ENV_OFFLINE} is set)' if download else ''}. Download it from "
             f"{weight.url} and put it in {dest.parent}.")
     log.info("%s not found in %s: downloading it from %s", weight.name,
              ", ".join(str(d) for d in search_dirs(weight.folder, pack_root)), weight.url)
@@ -194,11 +234,13 @@ def _offline_message(url: str, dest: Path, reason) -> str:
 
 def download_file(url: str, dest: Path | str, *, weight: WeightFile | None = None, progress: bool = True,
                   retries: int = 3, backoff: float = 1.0, timeout: float = 60.0,
-                  chunk_size: int = 1 << 20) -> Path:
+                  chunk_size: int = 1 << 20, report=None) -> Path:
     """Download ``url`` to ``dest`` through ``dest.part``: resume (HTTP Range) after a dropped
     connection, up to ``retries`` retries with exponential ``backoff`` (none when the host name cannot be
     resolved: that fails at once); check length and sha256
-    (from ``weight``); rename atomically. On a checksum mismatch the partial file is deleted."""
+    (from ``weight``); rename atomically. On a checksum mismatch the partial file is deleted. ``report(got,
+    total)`` (total None when unknown) is called after every chunk: a host's progress display; an exception it
+    raises (a cancel) stops the download, keeping ``dest.part`` for the next resume."""
     from tqdm.auto import tqdm
 
     dest = Path(dest)
@@ -211,7 +253,7 @@ def download_file(url: str, dest: Path | str, *, weight: WeightFile | None = Non
             h = hashlib.sha256()
             have = _hash_existing(part, h) if part.exists() else 0
             try:
-                total, h = _fetch(url, part, have, h, timeout, chunk_size, progress, name, bar, tqdm)
+                total, h = _fetch(url, part, have, h, timeout, chunk_size, progress, name, bar, tqdm, report)
                 break
             except _Retryable as e:
                 attempt += 1
@@ -246,7 +288,7 @@ def download_file(url: str, dest: Path | str, *, weight: WeightFile | None = Non
     return dest
 
 
-def _fetch(url, part: Path, have: int, h, timeout, chunk_size, progress, name, bar_holder, tqdm):
+def _fetch(url, part: Path, have: int, h, timeout, chunk_size, progress, name, bar_holder, tqdm, report=None):
     """One HTTP request, appending to ``part`` from byte ``have``. Returns (total length or None, h)."""
     req = urllib.request.Request(url, headers={"User-Agent": "blended-diffusion-weights/1"})
     if have:
@@ -297,8 +339,41 @@ def _fetch(url, part: Path, have: int, h, timeout, chunk_size, progress, name, b
                     got += len(chunk)
                     if bar is not None:
                         bar.update(len(chunk))
+                    if report is not None:
+                        report(got, total)
             except (OSError, http.client.HTTPException, socket.timeout) as e:
                 raise _Retryable(f"connection lost after {got} bytes: {e or type(e).__name__}") from None
         if total is not None and got < total:
             raise _Retryable(f"connection closed after {got} of {total} bytes")
         return total, h
+
+
+# --- LPIPS backbone -----------------------------------------------------------------------------
+def torch_hub_checkpoints() -> Path:
+    """Where torchvision looks for (and downloads) pretrained weights: ``$TORCH_HOME/hub/checkpoints``, TORCH_HOME
+    defaulting to ``$XDG_CACHE_HOME/torch`` or ``~/.cache/torch`` (torch.hub's rule, without importing torch)."""
+    home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "torch")
+    return Path(home).expanduser() / "hub" / "checkpoints"
+
+
+def lpips_missing_message(net: str = "vgg", reason: object = None) -> str:
+    """The error for an LPIPS backbone that is missing and could not be downloaded: file, URL, folder, command."""
+    w = LPIPS_WEIGHTS[net]
+    why = f" ({reason})" if reason else ""
+    return (f"LPIPS needs torchvision's pretrained {net} backbone {w.name}, which is missing and could not be "
+            f"downloaded{why}. Download {w.url} and put it in {torch_hub_checkpoints()} (the torch hub cache, "
+            "$TORCH_HOME/hub/checkpoints), or run `blended-diffusion weights --lpips` on this machine while online.")
+
+
+def ensure_lpips(net: str = "vgg", *, download: bool = True, progress: bool = True, **download_kw) -> Path:
+    """The LPIPS backbone file in the torch hub cache, downloaded (checked) when missing unless downloads are off
+    (``download=False`` or ``$BLENDED_DIFFUSION_OFFLINE``): then WeightsError names the file, URL and folder."""
+    if net not in LPIPS_WEIGHTS:
+        raise ValueError(f"unknown LPIPS network {net!r}; use one of {sorted(LPIPS_WEIGHTS)}")
+    w = LPIPS_WEIGHTS[net]
+    dest = torch_hub_checkpoints() / w.name
+    if dest.is_file():
+        return dest
+    if not download or offline():
+        raise WeightsError(lpips_missing_message(net, f"{ENV_OFFLINE} is set" if download else "downloads are off"))
+    return download_file(w.url, dest, weight=w, progress=progress, **download_kw)

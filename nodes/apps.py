@@ -55,6 +55,7 @@ class RankByCLIP:
         check_ranges(RankByCLIP, top_k=top_k)
         x = image_to_bchw(images)
         m = None if mask is None else _per_result(resize_mask(mask_to_bhw(mask), x.shape[-2:]), x.shape[0], "mask")
+        host.load_models(clip)
         order, scores = apps.rank(clip, x, m, prompt.strip())
         if top_k > 0:
             order = order[:top_k]
@@ -167,6 +168,8 @@ class BlendedDiffusionEvaluate:
                              f"{x.shape[-1]}x{x.shape[-2]}: evaluate results against the image they were made from")
         src = _per_result(src, n, "source image")
         m = _per_result(resize_mask(mask_to_bhw(mask), x.shape[-2:]), n, "mask")
+        if clip is not None and prompt.strip():
+            host.load_models(clip)
         rows = apps.evaluate(x, src, m, clip, prompt.strip())
         report = json.dumps([{"index": i, **r} for i, r in enumerate(rows)], indent=1)
         return {"ui": {"text": [report]}, "result": (report,)}

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import host
 from ..models import DDPM, Guide
 from ..models.region import MAX_ZOOM
 
@@ -123,7 +124,6 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def same_device(ddpm: DDPM, clip) -> None:
-    """Put the CLIP model on the DDPM's device (moved outside inference mode)."""
-    if clip is not None and clip.device != ddpm.device:
-        with torch.inference_mode(False):
-            clip.to(ddpm.device)
+    """Make the DDPM and the CLIP model ready on one compute device: through ComfyUI's model management inside
+    ComfyUI (loaded, listed, offloaded on /free), else CLIP moved to the DDPM's device (host.load_models)."""
+    host.load_models(ddpm, clip)

@@ -10,6 +10,7 @@ from collections import OrderedDict
 import torch
 
 from ..models import ClipModel, DDPM, load_clip, load_ddpm
+from ..models.weights import official
 from .. import host
 from .common import CATEGORY, CLIP_T, DDPM_T
 
@@ -20,7 +21,7 @@ MAX_VARIANTS = 8  # schedules / precisions kept on top of them
 
 _weights: dict[str, OrderedDict] = {"ddpm": OrderedDict(), "clip_guidance": OrderedDict()}
 _variants: dict[str, OrderedDict] = {"ddpm": OrderedDict(), "clip_guidance": OrderedDict()}
-PRECISIONS = ["fp32", "fp16", "bf16"]
+PRECISIONS = ["fp32", "fp16", "bf16", "auto"]  # auto: what the host picks for its device (host.auto_precision)
 
 
 def _file_key(path: str, device) -> tuple:
@@ -44,7 +45,7 @@ def clear_cache() -> None:
 
 def _cached(kind: str, path: str, variant: tuple, load, rebuild):
     """The object for (file, device, *variant): cached, rebuilt on cached weights, or loaded."""
-    device = host.torch_device()
+    device = host.model_build_device()  # ComfyUI moves it to its compute device when a node needs it
     fkey = _file_key(path, device)
     key = fkey + variant
     variants, weights = _variants[kind], _weights[kind]
@@ -69,6 +70,8 @@ def _cached(kind: str, path: str, variant: tuple, load, rebuild):
 
 def get_ddpm(path: str, respacing: str = "100", precision: str = "fp32") -> DDPM:
     respacing = str(respacing).strip()
+    if precision == "auto":
+        precision = host.auto_precision("ddpm")
 
     return _cached("ddpm", path, (respacing, precision),
                    lambda dev: load_ddpm(path, respacing=respacing, precision=precision, device=dev),
@@ -76,13 +79,16 @@ def get_ddpm(path: str, respacing: str = "100", precision: str = "fp32") -> DDPM
 
 
 def get_clip(path: str, precision: str = "fp32") -> ClipModel:
+    if precision == "auto":
+        precision = host.auto_precision("clip_guidance")
     return _cached("clip_guidance", path, (precision,),
                    lambda dev: load_clip(path, device=dev, precision=precision),
                    lambda base: ClipModel(base.model, base.path, precision))
 
 
 def _combo(kind: str, default: str) -> tuple:
-    names = host.list_models(kind)
+    """The files present plus the official files not yet downloaded (fetched on first use, host.fetch_model)."""
+    names = sorted(set(host.list_models(kind)) | {w.name for w in official(kind)})
     opts = {"default": default} if default in names else {}
     return names, opts
 
@@ -94,14 +100,16 @@ class LoadDDPM:
         return {"required": {
             "ckpt_name": (names, {**opts, "tooltip":
                 "guided-diffusion checkpoint in models/ddpm (e.g. 256x256_diffusion_uncond.pt, the "
-                "paper's model; 512x512_diffusion.pt is class-conditional)."}),
+                "paper's model; 512x512_diffusion.pt is class-conditional). The official files are listed even "
+                "when absent and downloaded on first use (not with BLENDED_DIFFUSION_OFFLINE=1)."}),
             "respacing": ("STRING", {"default": "100", "tooltip":
                 "Timestep respacing: number of denoising steps kept from the 1000 ('100' as in the paper, "
                 "'ddim50' for a DDIM-friendly spacing, or per-section counts like '10,10,10'). Changing it "
                 "does not reload the weights."}),
             "precision": (PRECISIONS, {"default": "fp32", "tooltip":
                 "Compute precision of the UNet (autocast). fp16/bf16 save memory and time on a GPU; "
-                "fp32 is the reference."}),
+                "fp32 is the reference. auto: what ComfyUI picks for its device (its --fp16-unet / "
+                "--bf16-unet / --force-fp32 flags apply)."}),
         }}
 
     RETURN_TYPES = (DDPM_T,)
@@ -112,7 +120,7 @@ class LoadDDPM:
     DESCRIPTION = "Loads a guided-diffusion pixel DDPM (the model Blended Diffusion edits with)."
 
     def load(self, ckpt_name, respacing="100", precision="fp32"):
-        return (get_ddpm(host.model_path("ddpm", ckpt_name), respacing, precision),)
+        return (get_ddpm(host.fetch_model("ddpm", ckpt_name), respacing, precision),)
 
 
 class LoadCLIP:
@@ -122,9 +130,11 @@ class LoadCLIP:
         return {"required": {
             "clip_name": (names, {**opts, "tooltip":
                 "OpenAI-format CLIP with image and text towers in models/clip_guidance (e.g. ViT-B-16.pt "
-                "as in the paper; TorchScript .pt, state-dict .pt/.bin or .safetensors)."}),
+                "as in the paper; TorchScript .pt, state-dict .pt/.bin or .safetensors). ViT-B-16.pt is listed "
+                "even when absent and downloaded on first use (not with BLENDED_DIFFUSION_OFFLINE=1)."}),
             "precision": (PRECISIONS, {"default": "fp32", "tooltip":
-                "Compute precision of CLIP (autocast); fp32 is the reference."}),
+                "Compute precision of CLIP (autocast); fp32 is the reference. auto: what ComfyUI picks for "
+                "a text encoder on its device (--fp32-text-enc, --force-fp32 apply)."}),
         }}
 
     RETURN_TYPES = (CLIP_T,)
@@ -135,4 +145,4 @@ class LoadCLIP:
     DESCRIPTION = "Loads a CLIP model used as the text-guidance loss (not ComfyUI's text-encoder CLIP)."
 
     def load(self, clip_name, precision="fp32"):
-        return (get_clip(host.model_path("clip_guidance", clip_name), precision),)
+        return (get_clip(host.fetch_model("clip_guidance", clip_name), precision),)

@@ -12,6 +12,7 @@ SD1.x / SD2.x models only.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -78,6 +79,16 @@ def _inversion_path(name: str, *, for_reading: bool) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- nodes
+
+def _with_ready(make, ddpm, clip):
+    """Run ``make()`` with ``ddpm`` (may be None) and ``clip`` loaded (host.load_models), then reload ``clip`` for
+    scoring: a Stable Diffusion run may have offloaded it."""
+    if ddpm is not None:
+        host.load_models(ddpm, clip)
+    out = make()
+    host.load_models(clip)
+    return out
+
 class NullTextInvert:
     @classmethod
     def INPUT_TYPES(cls):
@@ -379,6 +390,10 @@ class FidelityCurve:
             guide = Guide(clip=guidance_clip, prompt=prompt, augment=AugmentSettings(num_views=num_views))
             runs += fid.blended_runs(ddpm, guide, source, m, skips, seed=seed, context=context,
                                      callback=lambda *a: host.check_interrupt())
+        # ComfyUI may offload the pack's models while the SD runs load theirs: make ours ready before each run
+        # (the Blended Diffusion runs) and before each score (CLIP)
+        runs = [dataclasses.replace(r, make=lambda r=r: _with_ready(r.make, ddpm if r.method == fid.BLENDED else None,
+                                                                     guidance_clip)) for r in runs]
         bar = host.progress(len(runs), "fidelity curve")
         rows, images = [], []
         try:

@@ -299,7 +299,8 @@ class BlendedDiffusionSampler:
                        ddim=sampler == "DDIM", blend=blend is not None,
                        enforce_background=blend.enforce_background if blend is not None else False,
                        class_label=None if class_label < 0 else class_label, context=context,
-                       start=noise.start, noise_seed=noise.noise_seed, callback=callback)
+                       start=noise.start, noise_seed=noise.noise_seed, callback=callback,
+                       on_oom=host.on_out_of_memory)
         finally:
             bar.close()
             host.free_memory()

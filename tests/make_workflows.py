@@ -26,6 +26,7 @@ API_DIR = UI_DIR / "api"
 
 DDPM_FILE = "256x256_diffusion_uncond.pt"
 CLIP_FILE = "ViT-B-16.pt"
+LOADER_FOLDERS = {"LoadDDPM": ("ddpm", "ckpt_name"), "LoadCLIP": ("clip_guidance", "clip_name")}
 SEED_CONTROL = "fixed"  # control_after_generate value saved after seed / noise_seed widgets
 MAX_RESOLUTION = 16384
 
@@ -325,6 +326,12 @@ def to_ui(wf: Workflow) -> dict:
                              "links": out_links.get((n.id, i), []), "slot_index": i}
                             for i, t in enumerate(spec["output"])]
             d["properties"] = {"Node name for S&R": n.type}
+            if n.type in LOADER_FOLDERS:  # the frontend's missing-models dialog (properties.models)
+                from blended_diffusion.models.weights import model_metadata
+                kind, widget = LOADER_FOLDERS[n.type]
+                models = model_metadata(kind, n.widgets[widget])
+                if models:
+                    d["properties"]["models"] = models
             d["widgets_values"] = widget_values(n)
         if n.title:
             d["title"] = n.title
@@ -522,7 +529,10 @@ Algorithm 2 (blended): MaskBlend mixes the noised source into the background at 
 coherent with the kept background, which is preserved exactly.
 The Evaluate nodes report, per result, the CLIP distance to the prompt (lower = closer) and LPIPS and
 max |difference| outside the mask versus the source (0 = background kept exactly).
-Evaluate and the LPIPS background loss use the LPIPS VGG network (torchvision downloads its weights once).
+Evaluate and the LPIPS background loss use the LPIPS VGG network: torchvision's vgg16-397923af.pth in the
+torch hub cache ($TORCH_HOME/hub/checkpoints, by default ~/.cache/torch/hub/checkpoints), downloaded on first use.
+Offline: `blended-diffusion weights --lpips` fetches it (run it once online), or download
+https://download.pytorch.org/models/vgg16-397923af.pth into that folder.
 """ + MASK_NOTE)
     g1 = wf.group("Inputs and models", BLUE)
     g2 = wf.group("Algorithm 1: no blend, background loss", BROWN)

@@ -401,7 +401,7 @@ def test_changed_settings_are_refused_and_errors_are_clear(tmp_path, models, mon
     rc, cap = run_bench([manifest, "--ray", "local", "--output_path", tmp_path / "never"], capsys)
     err = [line for line in cap.err.splitlines() if line.strip()]
     assert rc == 1 and len(err) == 1 and err[0].startswith("error:")
-    assert 'pip install "comfyui-blended-diffusion[ray]"' in err[0]
+    assert 'pip install "blended-diffusion[ray]"' in err[0]
 
 
 def test_benchmark_script_smoke(tmp_path):

@@ -322,3 +322,26 @@ def test_extrapolation_size_exactness_and_seam(ckpt_dir, clip):
         extrapolate(ddpm, clip, img, {"sideways": "x"})
     with pytest.raises(ValueError, match="amount"):
         extrapolate(ddpm, clip, img, {"left": "x"}, amount=0)
+
+
+@pytest.mark.parametrize("host_frees", [True, False])
+def test_out_of_memory_asks_the_host_first_then_splits(ddpm, image_and_mask, monkeypatch, host_frees):
+    """``on_oom`` (issue 13): asked once at the first out-of-memory; when the host freed memory the same batch is
+    retried, else (and at any later out-of-memory) the batch is halved as before. Results equal an unhindered run."""
+    edit_module = importlib.import_module("blended_diffusion.models.edit")
+    img, mask = image_and_mask
+    plain = edit(ddpm, img, mask, Guide(), skip_timesteps=8, seed=5, batch_size=2)
+    real, sizes, asked = edit_module.blended_diffusion, [], []
+
+    def short_once(d, source, *args, **kwargs):
+        sizes.append(source.shape[0])
+        if len(sizes) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(d, source, *args, **kwargs)
+
+    monkeypatch.setattr(edit_module, "blended_diffusion", short_once)
+    out = edit(ddpm, img, mask, Guide(), skip_timesteps=8, seed=5, batch_size=2,
+               on_oom=lambda device: asked.append(torch.device(device)) or host_frees)
+    assert asked == [ddpm.device]
+    assert sizes == ([2, 2] if host_frees else [2, 1, 1])
+    assert torch.allclose(out, plain, atol=1e-5)

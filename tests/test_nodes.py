@@ -143,7 +143,8 @@ def test_node_schema(node_id, models_dir):
 
 def test_loader_combos_list_the_model_folders(models_dir):
     ddpm_names = N["LoadDDPM"].INPUT_TYPES()["required"]["ckpt_name"]
-    assert ddpm_names[0] == ["256x256_diffusion_uncond.pt", "64x64_classes.pt"]  # README.txt left out
+    # README.txt left out; the official 512x512_diffusion.pt listed though absent (issue 13: fetched on first use)
+    assert ddpm_names[0] == ["256x256_diffusion_uncond.pt", "512x512_diffusion.pt", "64x64_classes.pt"]
     assert ddpm_names[1]["default"] == "256x256_diffusion_uncond.pt"
     assert N["LoadCLIP"].INPUT_TYPES()["required"]["clip_name"][0] == ["ViT-B-16.pt"]
     with pytest.raises(FileNotFoundError, match="ddpm"):
@@ -413,3 +414,36 @@ def test_runner_errors_name_the_problem(models_dir, tmp_path):
     res = runner.run_workflow(wf, output_dir=tmp_path, overrides={"2": {"images": ["1", 0]}})
     assert wf["2"]["inputs"]["images"] == ["1", 5]  # the caller's workflow is left as it was
     assert [p.name for p in res.files] == ["x_00001_.png"] and res.ui["2"]["images"][0]["filename"] == "x_00001_.png"
+
+
+def test_loaders_download_a_missing_official_file_on_first_use(ckpt_dir, tmp_path, monkeypatch):
+    """Issue 13: LoadCLIP / LoadDDPM fetch an absent official file into an empty models folder (from a local
+    server here), checked by sha256; BLENDED_DIFFUSION_OFFLINE=1 refuses with the URL and the folder instead."""
+    from local_http import official_from, serve
+    served, models = tmp_path / "served", tmp_path / "models"
+    served.mkdir()
+    (served / "ViT-B-16.pt").write_bytes((ckpt_dir / "ViT-B-16.pt").read_bytes())
+    (served / "512x512_diffusion.pt").write_bytes((ckpt_dir / "64x64_classes.pt").read_bytes())
+    monkeypatch.setenv("BLENDED_DIFFUSION_MODELS", str(models))
+    loaders.clear_cache()
+    assert host.list_models("clip_guidance") == [] and "ViT-B-16.pt" in \
+        N["LoadCLIP"].INPUT_TYPES()["required"]["clip_name"][0]
+    with serve(served) as url:
+        w = official_from(monkeypatch, "clip", served / "ViT-B-16.pt", url)
+        official_from(monkeypatch, "ddpm_512", served / "512x512_diffusion.pt", url)
+        monkeypatch.setenv("BLENDED_DIFFUSION_OFFLINE", "1")
+        with torch.inference_mode(), pytest.raises(RuntimeError) as e:
+            N["LoadCLIP"]().load("ViT-B-16.pt", "fp32")
+        assert w.url in str(e.value) and str(models / "clip_guidance") in str(e.value)
+        assert not (models / "clip_guidance").exists() or not any((models / "clip_guidance").iterdir())
+        monkeypatch.delenv("BLENDED_DIFFUSION_OFFLINE")
+        with torch.inference_mode():
+            clip = N["LoadCLIP"]().load("ViT-B-16.pt", "fp32")[0]
+            ddpm = N["LoadDDPM"]().load("512x512_diffusion.pt", "10", "fp32")[0]
+    assert (models / "clip_guidance" / "ViT-B-16.pt").read_bytes() == (served / "ViT-B-16.pt").read_bytes()
+    assert host.list_models("ddpm") == ["512x512_diffusion.pt"] and ddpm.image_size == 64
+    assert clip.path == str(models / "clip_guidance" / "ViT-B-16.pt")
+    assert not list(models.rglob("*.part"))
+    with pytest.raises(FileNotFoundError, match="ddpm"):   # an unknown file is never fetched
+        N["LoadDDPM"]().load("not_official.pt")
+    loaders.clear_cache()

@@ -240,3 +240,75 @@ def test_unresolvable_host_fails_at_once_without_retries(tmp_path, caplog):
     msg = str(e.value)
     assert f"the host {UNRESOLVABLE} cannot be resolved" in msg and url in msg and str(tmp_path) in msg
     assert leftovers(tmp_path) == []
+
+
+def test_offline_switch_and_progress_report(tmp_path, monkeypatch):
+    """Issue 13: BLENDED_DIFFUSION_OFFLINE=1 turns downloads off (error with URL and folder); ``report(got, total)``
+    follows every chunk (the nodes show it as progress); a report that raises (Cancel) keeps the .part to resume."""
+    monkeypatch.setenv(W.ENV_MODELS_DIR, str(tmp_path))
+    monkeypatch.setenv(W.ENV_OFFLINE, "1")
+    assert W.offline()
+    with pytest.raises(W.WeightsError, match=W.ENV_OFFLINE) as e:
+        W.ensure("ddpm_256", pack_root=tmp_path / "pack")
+    assert W.DDPM_256.url in str(e.value) and str(tmp_path / "ddpm") in str(e.value)
+    for off in ("0", "", "false"):
+        monkeypatch.setenv(W.ENV_OFFLINE, off)
+        assert not W.offline()
+    seen = []
+    with Server() as s:
+        W.download_file(s.url, tmp_path / "a.pt", weight=weight(s.url), backoff=0, chunk_size=65536,
+                        progress=False, report=lambda got, total: seen.append((got, total)))
+
+        class Cancelled(Exception):
+            pass
+
+        def cancel(got, total):
+            raise Cancelled
+
+        with pytest.raises(Cancelled):
+            W.download_file(s.url, tmp_path / "b.pt", weight=weight(s.url), backoff=0, chunk_size=65536,
+                            progress=False, report=cancel)
+    assert seen[-1] == (len(PAYLOAD), len(PAYLOAD)) and [g for g, _ in seen] == sorted(g for g, _ in seen)
+    assert len(seen) > 1 and leftovers(tmp_path).count("b.pt.part") == 1 and "b.pt" not in leftovers(tmp_path)
+
+
+def test_lpips_backbone_offline_error_and_one_command_fetch(tmp_path, monkeypatch, capsys):
+    """Issue 13: a missing LPIPS backbone offline gives one error naming the file, the URL and the folder (the torch
+    hub cache); `blended-diffusion weights --lpips` fetches it there (from a local server here), checked."""
+    import dataclasses
+    import hashlib
+
+    from blended_diffusion import cli
+    from blended_diffusion.models import guidance
+    from local_http import serve
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv(W.ENV_OFFLINE, "1")
+    monkeypatch.delenv("BLENDED_DIFFUSION_LPIPS_RANDOM", raising=False)
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    assert W.torch_hub_checkpoints() == folder
+    guidance._lpips_model.cache_clear()
+    try:
+        with pytest.raises(W.WeightsError) as e:
+            guidance.lpips_model()
+    finally:
+        guidance._lpips_model.cache_clear()
+    msg = str(e.value)
+    assert W.LPIPS_VGG.name in msg and W.LPIPS_VGG.url in msg and str(folder) in msg and "weights --lpips" in msg
+    assert cli.main(["weights", "--lpips"]) == 1                     # offline: the same message, exit code 1
+    assert W.LPIPS_VGG.url in capsys.readouterr().err
+    monkeypatch.delenv(W.ENV_OFFLINE)
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / W.LPIPS_VGG.name).write_bytes(PAYLOAD)
+    digest = hashlib.sha256(PAYLOAD).hexdigest()
+    with serve(served) as url:
+        fake = dataclasses.replace(W.LPIPS_VGG, url=url + W.LPIPS_VGG.name, sha256_prefix=digest[:8])
+        monkeypatch.setitem(W.LPIPS_WEIGHTS, "vgg", fake)
+        monkeypatch.setattr(W, "LPIPS_VGG", fake)
+        assert cli.main(["weights", "--lpips"]) == 0
+        assert (folder / W.LPIPS_VGG.name).read_bytes() == PAYLOAD and leftovers(folder) == [W.LPIPS_VGG.name]
+        monkeypatch.setitem(W.LPIPS_WEIGHTS, "vgg", dataclasses.replace(fake, sha256_prefix="00000000"))
+        (folder / W.LPIPS_VGG.name).unlink()
+        with pytest.raises(W.ChecksumError):   # a file that is not torchvision's is refused
+            W.ensure_lpips("vgg", progress=False)
+    assert leftovers(folder) == []

@@ -441,3 +441,21 @@ def test_api_workflow_runs(path, tiny_models, tmp_path, monkeypatch):
         alg1, alg2 = evals["Evaluate Algorithm 1"], evals["Evaluate Algorithm 2"]
         assert all(r["max_abs_bg"] < 1e-4 for r in alg2), "Algorithm 2 keeps the background exactly"
         assert all(r["max_abs_bg"] > 1e-3 for r in alg1), "Algorithm 1 changes its whole working crop"
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=_ids(UI_FILES))
+def test_ui_loaders_carry_the_frontends_model_metadata(path):
+    """Issue 13: each LoadDDPM / LoadCLIP of a UI workflow has properties.models = [{name, url, directory}] (the
+    fields frontend 1.27.10 reads for its missing-models dialog) naming its widget's file, that file's official
+    URL from models/weights.py, and a model folder the pack registers with ComfyUI."""
+    from blended_diffusion.models import weights as W
+    official = {w.name: w for w in W.DEFAULT_WEIGHTS.values()}
+    for n in _load(path)["nodes"]:
+        if n["type"] not in mw.LOADER_FOLDERS:
+            continue
+        folder = mw.LOADER_FOLDERS[n["type"]][0]
+        name = n["widgets_values"][0]
+        assert name in official, f"{path.name}: {n['type']} uses {name}, which has no official URL"
+        assert n["properties"]["models"] == [{"name": name, "url": official[name].url, "directory": folder}]
+        assert folder in W.FOLDERS and official[name].folder == folder
+        assert official[name].url.startswith("https://")

@@ -34,7 +34,7 @@ IMAGES = "images"
 DEPTH = 2  # jobs queued per Ray actor: the one it runs and the next
 CRASH_ENV = "BLENDED_DIFFUSION_BENCH_CRASH"  # test hook: ids whose first run kills its Ray worker process
 PACK_ROOT = Path(__file__).resolve().parents[2]
-RAY_REQUIREMENT = 'pip install "comfyui-blended-diffusion[ray]" (or: pip install "ray>=2.9")'
+RAY_REQUIREMENT = 'pip install "blended-diffusion[ray]" (or: pip install "ray>=2.9")'
 
 
 # --- output ---------------------------------------------------------------------------------------------------

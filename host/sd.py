@@ -59,6 +59,11 @@ class SDModel:
         if sigmas is None or sigmas.ndim != 1 or sigmas.numel() < 2:
             raise ValueError("this MODEL has no discrete noise schedule (model_sampling.sigmas): NULL-text "
                              "inversion needs an SD1.x/SD2.x checkpoint")
+        # recorded in every Inversion, so that a file made with one model is refused by another
+        cfg_name = type(getattr(self.base, "model_config", None)).__name__
+        model_type = getattr(getattr(self.base, "model_type", None), "name", "EPS")
+        self.family = f"{cfg_name}/{model_type}"
+        self.cond_kind = "context"  # SD1.x/SD2.x: one cross-attention context, no pooled vector
         with torch.inference_mode(False):
             self.sigmas = sigmas.detach().float().clone().to(self.device)
             self.alphas_cumprod = (1.0 / (sigmas.detach().double().cpu() ** 2 + 1)).clone()

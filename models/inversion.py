@@ -43,9 +43,10 @@ from . import p2p
 log = logging.getLogger(__name__)
 
 FORMAT = "blended_diffusion.nulltext_inversion"
-FORMAT_VERSION = "2"  # 2: method + corrections; version 1 files (NULL-text only) still load
+FORMAT_VERSION = "2"  # 2: method, corrections, model family, conditioning kind; version 1 files still load
 READ_VERSIONS = ("1", "2")
 SDEDIT_STARTS = ("inversion", "random noise")
+UNKNOWN = "unknown"  # files from before the model family was recorded
 METHODS = ("null-text", "null-text global", "negative-prompt", "direct")
 OPTIMISING = ("null-text", "null-text global")
 
@@ -60,7 +61,10 @@ class Inversion:
     cond / uncond: the caption's and the empty prompt's contexts [1, L, D]; alphas_cumprod: the training
     schedule the trajectory was made on; source: the image that was encoded (as the host gave it; ComfyUI:
     IMAGE [1, H, W, 3]); info: the inversion's measurements and timings; method: one of ``METHODS``;
-    corrections: Direct Inversion's N per-step corrections of the source branch ([1, 4, h, w] each), else []."""
+    corrections: Direct Inversion's N per-step corrections of the source branch ([1, 4, h, w] each), else [];
+    family / cond_kind: the model family (the host's ``model.family``, e.g. "SD15/EPS") and the kind of its
+    conditioning (``model.cond_kind``, e.g. "context") it was made with; "unknown" when the model or file did not
+    say (then not checked)."""
     latents: list
     nulls: list
     cond: torch.Tensor
@@ -75,6 +79,8 @@ class Inversion:
     info: dict = field(default_factory=dict)
     method: str = "null-text"
     corrections: list = field(default_factory=list)
+    family: str = UNKNOWN
+    cond_kind: str = UNKNOWN
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -98,7 +104,14 @@ class Inversion:
         return [d.to(device) for d in self.corrections] if self.corrections else None
 
     def check_model(self, model) -> None:
-        """ValueError unless ``model`` has the noise schedule this inversion was made with."""
+        """ValueError unless ``model`` is of the family, conditioning kind and noise schedule this inversion was made
+        with."""
+        for attr, what in (("family", "model family"), ("cond_kind", "conditioning")):
+            mine, theirs = getattr(self, attr), str(getattr(model, attr, UNKNOWN))
+            if UNKNOWN not in (mine, theirs) and mine != theirs:
+                raise ValueError(f"this inversion was made with a {self.family} model ({self.cond_kind} "
+                                 f"conditioning), but this MODEL's {what} is {theirs}: edit with the checkpoint "
+                                 "you inverted with, or invert the image again with this one")
         ac = model.alphas_cumprod
         if ac.shape != self.alphas_cumprod.shape or \
                 not torch.allclose(ac, self.alphas_cumprod, rtol=1e-4, atol=1e-6):
@@ -113,7 +126,7 @@ class Inversion:
 
     def report(self) -> dict:
         """The inversion's parameters, per-step losses, measurements and timings (JSON-ready)."""
-        return {"prompt": self.prompt, "method": self.method, "steps": self.steps, "guidance": self.guidance,
+        return {"prompt": self.prompt, "method": self.method, "family": self.family, "steps": self.steps, "guidance": self.guidance,
                 "global_null": self.is_global, "inner_steps": self.inner_steps, "final_losses": self.losses,
                 **self.info}
 
@@ -129,7 +142,8 @@ class Inversion:
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "prompt": self.prompt, "steps": str(self.steps),
                 "guidance": repr(float(self.guidance)), "global": json.dumps(self.is_global),
                 "inner_steps": str(self.inner_steps), "losses": json.dumps(self.losses),
-                "info": json.dumps(self.info), "method": self.method}
+                "info": json.dumps(self.info), "method": self.method, "family": self.family,
+                "cond_kind": self.cond_kind}
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=meta)
 
@@ -175,7 +189,8 @@ class Inversion:
                    guidance=float(meta["guidance"]), source=t["source"].float(), is_global=is_global,
                    inner_steps=int(meta.get("inner_steps", 10)), losses=json.loads(meta.get("losses", "[]")),
                    info=json.loads(meta.get("info", "{}")), method=method,
-                   corrections=[] if corr is None else list(corr.float().split(1)))
+                   corrections=[] if corr is None else list(corr.float().split(1)),
+                   family=meta.get("family", UNKNOWN), cond_kind=meta.get("cond_kind", UNKNOWN))
 
 
 # --------------------------------------------------------------------------------------------- inversion
@@ -277,7 +292,9 @@ def invert(model, z0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, *,
                         uncond=uncond.float(), alphas_cumprod=model.alphas_cumprod.clone(), prompt=prompt,
                         guidance=float(guidance), source=source.detach().float().cpu().clone(),
                         is_global=bool(is_global), inner_steps=int(inner_steps), losses=[float(x) for x in losses],
-                        method=method, corrections=[d.detach().float().cpu().clone() for d in corrections])
+                        method=method, corrections=[d.detach().float().cpu().clone() for d in corrections],
+                        family=str(getattr(model, "family", UNKNOWN)),
+                        cond_kind=str(getattr(model, "cond_kind", UNKNOWN)))
     inv.info = {"latent_mse": float(F.mse_loss(rec.float().cpu(), latents[0].float().cpu())), **info,
                 **{k: round(v, 3) for k, v in times.items()}}
     return inv, rec

@@ -125,8 +125,9 @@ def _eps(eps: EpsFn, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) ->
 
 
 def _cfg(eps: EpsFn, z, t, cond, uncond, guidance):
-    """Classifier-free guided ε: ε_u + w(ε_c − ε_u), one batched call; w = 1 runs cond only."""
-    if guidance == 1:
+    """Classifier-free guided ε: ε_u + w(ε_c − ε_u), one batched call; w = 1, or a null embedding equal to the
+    condition (Negative-Prompt Inversion's reconstruction), runs cond only (ε_u = ε_c there)."""
+    if guidance == 1 or (uncond.shape == cond.shape and torch.equal(uncond, cond)):
         return _eps(eps, z, t, cond)
     n = z.shape[0]
     out = _eps(eps, torch.cat([z, z]), torch.cat([t, t]), torch.cat([uncond, cond]))

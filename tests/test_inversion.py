@@ -143,6 +143,8 @@ def test_each_method_reconstructs_at_guidance_7_5_and_costs_what_it_should(by_me
     assert 2 * n + 2 * n < calls["null-text"] <= n + n * (10 + 2) + n
     assert calls["null-text global"] == n + 10 * n * 3 + n  # per step of each epoch: e_c, e_u (grad), e_u
     assert calls["null-text"] > 5 * calls["negative-prompt"]
+    rows = {m: v[3] for m, v in by_method.items()}  # NPI's guided step is its conditional one: one latent a call
+    assert rows["negative-prompt"] == 2 * n and rows["direct"] == rows["ddim"] == n + 2 * n
     inv = by_method["null-text"][0]
     assert inv.info["not_converged_steps"] == sum(l >= nt.early_stop_threshold(i) for i, l in enumerate(inv.losses))
     assert by_method["direct"][0].method == "direct" and len(by_method["direct"][0].corrections) == n
@@ -232,3 +234,26 @@ def test_null_text_optimises_in_fp32_under_a_half_precision_model_and_reports_no
     assert inv.info["not_converged_steps"] == STEPS and inv.info["not_converged_at"] == list(range(STEPS))
     assert "did not converge at 8 of 8 steps" in inv.report()["convergence"]
     assert any("did not converge" in r.message for r in caplog.records)
+
+
+def test_an_inversion_is_refused_by_a_model_of_another_family(model, prompts, tmp_path):
+    _, _, c_src, c_edit = prompts
+    sd15 = SimpleNamespace(**vars(model), family="SD15/EPS", cond_kind="context")
+    z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    inv, rec = ni.invert(sd15, z0, c_src, torch.zeros_like(c_src), prompt="a cat", source=torch.rand(1, 8, 8, 3),
+                         steps=4, guidance=7.5, method="direct")
+    assert (inv.family, inv.cond_kind) == ("SD15/EPS", "context") and inv.report()["family"] == "SD15/EPS"
+    inv.to_file(tmp_path / "sd15.safetensors")
+    again = ni.Inversion.from_file(tmp_path / "sd15.safetensors")
+    assert (again.family, again.cond_kind) == ("SD15/EPS", "context")
+    assert torch.allclose(ni.sdedit_run(sd15, again, c_src, 1.0), rec, atol=1e-5)
+    for other, what in ((dict(family="SDXL/EPS", cond_kind="context+pooled"), "model family is SDXL/EPS"),
+                        (dict(family="SD15/EPS", cond_kind="context+pooled"), "conditioning is context\\+pooled"),
+                        (dict(family="SD20/V_PREDICTION", cond_kind="context"), "SD20/V_PREDICTION")):
+        m = SimpleNamespace(**vars(model), **other)
+        with pytest.raises(ValueError, match=f"made with a SD15/EPS model \\(context conditioning\\).*{what}"):
+            ni.sdedit_run(m, again, c_src, 0.5)
+        with pytest.raises(ValueError, match="made with a SD15/EPS model"):
+            ni.edit(m, again, c_edit, ni.controller(again, prompts[0], prompts[1]))
+    # a model (or file) that does not say is not checked: the tiny model here, and files from before version 2
+    assert ni.sdedit_run(model, again, c_src, 0.5).shape == (1, 4, 8, 8)

@@ -59,6 +59,11 @@ class SDModel:
         if sigmas is None or sigmas.ndim != 1 or sigmas.numel() < 2:
             raise ValueError("this MODEL has no discrete noise schedule (model_sampling.sigmas): NULL-text "
                              "inversion needs an SD1.x/SD2.x checkpoint")
+        # recorded in every Inversion, so that a file made with one model is refused by another
+        cfg_name = type(getattr(self.base, "model_config", None)).__name__
+        model_type = getattr(getattr(self.base, "model_type", None), "name", "EPS")
+        self.family = f"{cfg_name}/{model_type}"
+        self.cond_kind = "context"  # SD1.x/SD2.x: one cross-attention context, no pooled vector
         with torch.inference_mode(False):
             self.sigmas = sigmas.detach().float().clone().to(self.device)
             self.alphas_cumprod = (1.0 / (sigmas.detach().double().cpu() ** 2 + 1)).clone()
@@ -155,7 +160,7 @@ def tokenized(clip, text: str) -> p2p.TokenizedPrompt:
 
 def invert_image(sd: SDModel, clip, vae, image: torch.Tensor, prompt: str, *, steps: int = 50, guidance: float = 7.5,
                  inner_steps: int = 10, global_null: bool = False, callback=None,
-                 started: float | None = None) -> tuple[Inversion, torch.Tensor]:
+                 started: float | None = None, method: str = "null-text") -> tuple[Inversion, torch.Tensor]:
     """NULL-text inversion of one IMAGE captioned ``prompt`` (models/inversion.py's ``invert`` between ComfyUI's
     text encoder and VAE): (the inversion, its reconstruction as an IMAGE). ``callback(done, total, latent)`` as
     the engine's (``total`` = ``invert_steps(...)``); ``started``: the ``time.perf_counter()`` the caller's run
@@ -164,11 +169,11 @@ def invert_image(sd: SDModel, clip, vae, image: torch.Tensor, prompt: str, *, st
     cond, uncond = encode_text(clip, prompt), encode_text(clip, "")
     z0, source = sd.encode(vae, image)
     inv, rec = inversion.invert(sd, z0, cond, uncond, prompt=prompt, source=source, steps=steps, guidance=guidance,
-                                inner_steps=inner_steps, global_null=global_null, callback=callback)
+                                inner_steps=inner_steps, global_null=global_null, method=method, callback=callback)
     recon = sd.decode(vae, rec)
     inv.info["pixel_mae"] = float((recon - inv.source).abs().mean()) if recon.shape == inv.source.shape else None
     inv.info["total_s"] = round(time.perf_counter() - started, 3)
-    log.info("NULL-text inversion: %d steps, latent MSE %.3g, %.1f s", steps, inv.info["latent_mse"],
+    log.info("%s inversion: %d steps, latent MSE %.3g, %.1f s", inv.method, steps, inv.info["latent_mse"],
              inv.info["total_s"])
     return inv, recon
 

@@ -1,7 +1,16 @@
-"""NULL-text inversion of a real image as a whole, over the core (models/nulltext.py, models/p2p.py): the
-``Inversion`` record and its file format, and the runs made from it — ``invert`` (DDIM inversion, NULL-text
-optimisation, reconstruction), a prompt-to-prompt ``edit``, ``sdedit_run`` and the SDEdit points of a
-fidelity sweep (``sdedit_runs``, measured by models/fidelity.py).
+"""Inversion of a real image as a whole, over the core (models/nulltext.py, models/p2p.py): the ``Inversion``
+record and its file format, and the runs made from it — ``invert`` (DDIM inversion, then one of ``METHODS``,
+then the reconstruction), a prompt-to-prompt ``edit``, ``sdedit_run`` and the SDEdit points of a fidelity sweep
+(``sdedit_runs``, measured by models/fidelity.py).
+
+Methods (``invert(method=…)``; every edit uses what the method stored):
+- "null-text": NULL-text inversion, one optimised null embedding per step (Mokady et al.);
+- "null-text global": one optimised null embedding for all steps (their supplement's Algorithm 2);
+- "negative-prompt": Negative-Prompt Inversion (Miyake et al.): no optimisation, the caption's own embedding is
+  the null embedding at every step (``nulls`` = [cond]);
+- "direct": Direct Inversion / PnP Inversion (Ju et al.): no optimisation, the empty prompt's embedding, and per
+  step the correction z*_{k−1} − z̄_{k−1} (``corrections``) added back to the source branch, so the source is
+  reconstructed exactly.
 
 Pure torch, no host. ``model`` is any object with
 - ``eps(x_t, t, context)``: the core's noise prediction (models/nulltext.py),
@@ -34,8 +43,12 @@ from . import p2p
 log = logging.getLogger(__name__)
 
 FORMAT = "blended_diffusion.nulltext_inversion"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: method, corrections, model family, conditioning kind; version 1 files still load
+READ_VERSIONS = ("1", "2")
 SDEDIT_STARTS = ("inversion", "random noise")
+UNKNOWN = "unknown"  # files from before the model family was recorded
+METHODS = ("null-text", "null-text global", "negative-prompt", "direct")
+OPTIMISING = ("null-text", "null-text global")
 
 
 # --------------------------------------------------------------------------------------------- the record
@@ -47,7 +60,11 @@ class Inversion:
     space); nulls: the N per-step null embeddings (sampling-step order), or one for all steps (global);
     cond / uncond: the caption's and the empty prompt's contexts [1, L, D]; alphas_cumprod: the training
     schedule the trajectory was made on; source: the image that was encoded (as the host gave it; ComfyUI:
-    IMAGE [1, H, W, 3]); info: the inversion's measurements and timings."""
+    IMAGE [1, H, W, 3]); info: the inversion's measurements and timings; method: one of ``METHODS``;
+    corrections: Direct Inversion's N per-step corrections of the source branch ([1, 4, h, w] each), else [];
+    family / cond_kind: the model family (the host's ``model.family``, e.g. "SD15/EPS") and the kind of its
+    conditioning (``model.cond_kind``, e.g. "context") it was made with; "unknown" when the model or file did not
+    say (then not checked)."""
     latents: list
     nulls: list
     cond: torch.Tensor
@@ -60,6 +77,16 @@ class Inversion:
     inner_steps: int = 10
     losses: list = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    method: str = "null-text"
+    corrections: list = field(default_factory=list)
+    family: str = UNKNOWN
+    cond_kind: str = UNKNOWN
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"inversion method {self.method!r} unknown: use one of {list(METHODS)}")
+        if self.corrections and len(self.corrections) != self.steps:
+            raise ValueError(f"{len(self.corrections)} corrections for a {self.steps}-step inversion")
 
     @property
     def steps(self) -> int:
@@ -72,8 +99,19 @@ class Inversion:
         """One null embedding per sampling step (the global one repeated)."""
         return list(self.nulls) if len(self.nulls) == self.steps else [self.nulls[0]] * self.steps
 
+    def step_corrections(self, device=None) -> list | None:
+        """Direct Inversion's per-step corrections of the source row (on ``device``), else None."""
+        return [d.to(device) for d in self.corrections] if self.corrections else None
+
     def check_model(self, model) -> None:
-        """ValueError unless ``model`` has the noise schedule this inversion was made with."""
+        """ValueError unless ``model`` is of the family, conditioning kind and noise schedule this inversion was made
+        with."""
+        for attr, what in (("family", "model family"), ("cond_kind", "conditioning")):
+            mine, theirs = getattr(self, attr), str(getattr(model, attr, UNKNOWN))
+            if UNKNOWN not in (mine, theirs) and mine != theirs:
+                raise ValueError(f"this inversion was made with a {self.family} model ({self.cond_kind} "
+                                 f"conditioning), but this MODEL's {what} is {theirs}: edit with the checkpoint "
+                                 "you inverted with, or invert the image again with this one")
         ac = model.alphas_cumprod
         if ac.shape != self.alphas_cumprod.shape or \
                 not torch.allclose(ac, self.alphas_cumprod, rtol=1e-4, atol=1e-6):
@@ -88,20 +126,24 @@ class Inversion:
 
     def report(self) -> dict:
         """The inversion's parameters, per-step losses, measurements and timings (JSON-ready)."""
-        return {"prompt": self.prompt, "steps": self.steps, "guidance": self.guidance, "global_null": self.is_global,
-                "inner_steps": self.inner_steps, "final_losses": self.losses, **self.info}
+        return {"prompt": self.prompt, "method": self.method, "family": self.family, "steps": self.steps, "guidance": self.guidance,
+                "global_null": self.is_global, "inner_steps": self.inner_steps, "final_losses": self.losses,
+                **self.info}
 
     # ---- file format: tensors + JSON metadata in one .safetensors
     def to_file(self, path: Path) -> None:
         from safetensors.torch import save_file
         tensors = {"latents": torch.cat(self.latents), "nulls": torch.cat(self.nulls), "cond": self.cond,
                    "uncond": self.uncond, "alphas_cumprod": self.alphas_cumprod, "source": self.source}
+        if self.corrections:
+            tensors["corrections"] = torch.cat(self.corrections)
         with torch.inference_mode(False):
             tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "prompt": self.prompt, "steps": str(self.steps),
                 "guidance": repr(float(self.guidance)), "global": json.dumps(self.is_global),
                 "inner_steps": str(self.inner_steps), "losses": json.dumps(self.losses),
-                "info": json.dumps(self.info)}
+                "info": json.dumps(self.info), "method": self.method, "family": self.family,
+                "cond_kind": self.cond_kind}
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=meta)
 
@@ -118,79 +160,142 @@ class Inversion:
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a NULL-text inversion saved by Save Inversion "
                              f"(metadata format = {meta.get('format')!r})")
-        if meta.get("version") != FORMAT_VERSION:
+        if meta.get("version") not in READ_VERSIONS:
             raise ValueError(f"{path} has inversion format version {meta.get('version')!r}; this pack reads "
-                             f"version {FORMAT_VERSION}: invert the image again")
+                             f"versions {', '.join(READ_VERSIONS)}: invert the image again")
         missing = {"latents", "nulls", "cond", "uncond", "alphas_cumprod", "source"} - set(t)
         if missing:
             raise ValueError(f"{path} lacks the tensors {sorted(missing)}: invert the image again")
         steps = int(meta["steps"])
         is_global = json.loads(meta["global"])
         lat, nulls = t["latents"], t["nulls"]
+        # version 1 knew NULL-text only
+        method = meta.get("method", "null-text global" if is_global and int(meta.get("inner_steps", 10)) > 0
+                          else "null-text")
+        if method not in METHODS:
+            raise ValueError(f"{path} was made with the inversion method {method!r}, which this pack does not "
+                             f"know ({', '.join(METHODS)}): invert the image again")
+        corr = t.get("corrections")
         if lat.ndim != 4 or lat.shape[0] != steps + 1 or nulls.ndim != 3 or \
-                nulls.shape[0] != (1 if is_global else steps) or nulls.shape[1:] != t["cond"].shape[1:]:
-            raise ValueError(f"{path}: tensor shapes do not fit a {steps}-step inversion "
-                             f"(latents {tuple(lat.shape)}, nulls {tuple(nulls.shape)}): the file is damaged")
+                nulls.shape[0] != (1 if is_global else steps) or nulls.shape[1:] != t["cond"].shape[1:] or \
+                (method == "direct") != (corr is not None) or \
+                (corr is not None and tuple(corr.shape) != (steps, *lat.shape[1:])):
+            raise ValueError(f"{path}: tensor shapes do not fit a {steps}-step {method} inversion "
+                             f"(latents {tuple(lat.shape)}, nulls {tuple(nulls.shape)}, corrections "
+                             f"{None if corr is None else tuple(corr.shape)}): the file is damaged")
         return cls(latents=list(lat.float().split(1)), nulls=list(nulls.float().split(1)),
                    cond=t["cond"].float(), uncond=t["uncond"].float(),
                    alphas_cumprod=t["alphas_cumprod"].double(), prompt=meta.get("prompt", ""),
                    guidance=float(meta["guidance"]), source=t["source"].float(), is_global=is_global,
                    inner_steps=int(meta.get("inner_steps", 10)), losses=json.loads(meta.get("losses", "[]")),
-                   info=json.loads(meta.get("info", "{}")))
+                   info=json.loads(meta.get("info", "{}")), method=method,
+                   corrections=[] if corr is None else list(corr.float().split(1)),
+                   family=meta.get("family", UNKNOWN), cond_kind=meta.get("cond_kind", UNKNOWN))
 
 
 # --------------------------------------------------------------------------------------------- inversion
-def invert_steps(steps: int, inner_steps: int = 10, global_null: bool = False) -> int:
-    """The ``total`` of ``invert``'s callback: DDIM inversion, optimisation and reconstruction steps."""
-    return steps + ((inner_steps * steps if global_null else steps) if inner_steps > 0 else 0) + steps
+def resolve_method(method: str = "null-text", global_null: bool = False) -> str:
+    """The method ``invert`` runs: ``global_null`` (the older switch) turns "null-text" into "null-text global";
+    ValueError for an unknown method or global_null with a method that optimises nothing."""
+    if method not in METHODS:
+        raise ValueError(f"inversion method {method!r} unknown: use one of {list(METHODS)}")
+    if global_null:
+        if method not in OPTIMISING:
+            raise ValueError(f"global_null applies to NULL-text only, not to method {method!r}: switch "
+                             "global_null off (or pick method 'null-text global')")
+        return "null-text global"
+    return method
+
+
+def invert_steps(steps: int, inner_steps: int = 10, global_null: bool = False, method: str = "null-text") -> int:
+    """The ``total`` of ``invert``'s callback: DDIM inversion, the method's pass, and reconstruction steps."""
+    method = resolve_method(method, global_null)
+    if method == "negative-prompt":
+        return 2 * steps
+    if method == "direct":
+        return 2 * steps  # the correction pass is the reconstruction
+    if inner_steps <= 0:
+        return 2 * steps
+    return steps + (inner_steps * steps if method == "null-text global" else steps) + steps
+
+
+def convergence(losses: Sequence[float], epsilon: float = 1e-5) -> dict:
+    """Which NULL-text steps ended above their early-stop threshold (``nt.early_stop_threshold``)."""
+    bad = [i for i, x in enumerate(losses) if not x < nt.early_stop_threshold(i, epsilon)]
+    return {"not_converged_steps": len(bad), "not_converged_at": bad,
+            "worst_loss": max(losses) if losses else None}
 
 
 def invert(model, z0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, *, prompt: str, source: torch.Tensor,
            steps: int = 50, guidance: float = 7.5, inner_steps: int = 10, global_null: bool = False,
-           callback: nt.Callback | None = None) -> tuple[Inversion, torch.Tensor]:
+           method: str = "null-text", callback: nt.Callback | None = None) -> tuple[Inversion, torch.Tensor]:
     """Invert the clean latent ``z0`` [1, C, h, w] captioned by ``cond`` (``uncond``: the empty prompt's context):
-    DDIM inversion at guidance 1 (the pivots), NULL-text optimisation at ``guidance`` (per step, or one global
-    null embedding with ``global_null``; ``inner_steps`` = 0: none, the empty prompt's embedding is kept as the
-    global one), then the reconstruction from z*_N with the null embeddings.
+    DDIM inversion at guidance 1 (the pivots), then the ``method`` (``METHODS``; ``global_null`` = the older
+    way to ask for "null-text global"):
+    - NULL-text optimisation at ``guidance`` (per step, or one global null embedding; ``inner_steps`` = 0: none,
+      the empty prompt's embedding is kept as the global one), in float32 whatever the model's dtype; steps
+      whose final loss stays above the early-stop threshold are counted in ``info`` and logged as a warning;
+    - "negative-prompt": the caption's embedding as the null embedding, nothing optimised;
+    - "direct": the per-step corrections of the source branch (nothing optimised);
+    then the reconstruction from z*_N with what the method stored.
 
     Returns (the inversion, whose ``info`` holds the latent reconstruction error and each stage's seconds; the
     reconstructed latent on the model's device)."""
+    method = resolve_method(method, global_null)
     sched = nt.DDIMSchedule(steps, alphas_cumprod=model.alphas_cumprod)
     with torch.inference_mode(False):
         z0 = z0.detach().float().clone().to(model.device)
-        c, u = cond.to(model.device), uncond.to(model.device)
-    total = invert_steps(steps, inner_steps, global_null)
+        c, u = cond.float().to(model.device), uncond.float().to(model.device)
+    total = invert_steps(steps, inner_steps, method=method)
 
     def stage(offset: int):
         return None if callback is None else lambda done, _n, z: callback(offset + done, total, z)
 
-    times, losses = {}, []
+    times, losses, corrections, info = {}, [], [], {}
+    is_global = method != "null-text" or inner_steps == 0
     t = time.perf_counter()
     latents = nt.ddim_invert(model.eps, sched, z0, c, callback=stage(0))
     times["ddim_inversion_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    if inner_steps == 0:
+    rec = None
+    if method == "negative-prompt":
+        nulls = [c]
+    elif method == "direct":
         nulls = [u]
-        global_null = True
-    elif global_null:
+        corrections, rec = nt.direct_inversion_offsets(model.eps, sched, latents, c, u, guidance,
+                                                       callback=stage(steps))
+    elif inner_steps == 0:
+        nulls = [u]
+    elif method == "null-text global":
         nulls = [nt.null_text_optimize_global(model.eps, sched, latents, c, u, guidance, epochs=inner_steps,
                                               callback=stage(steps))]
     else:
         nulls = nt.null_text_optimize(model.eps, sched, latents, c, u, guidance, inner_steps,
                                       callback=stage(steps), losses=losses)
-    times["null_text_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    step_nulls = nulls if len(nulls) == steps else nulls * steps
-    rec = nt.ddim_sample_cfg(model.eps, sched, latents[-1], c, step_nulls, guidance,
-                             callback=stage(total - steps))
-    times["reconstruction_s"] = time.perf_counter() - t
+        info = convergence(losses)
+        if info["not_converged_steps"]:
+            info["convergence"] = (f"NULL-text did not converge at {info['not_converged_steps']} of {steps} steps "
+                                   f"(final loss above the early-stop threshold; worst {info['worst_loss']:.3g}): "
+                                   "the reconstruction may drift; raise inner_steps, or use method 'direct' for "
+                                   "an exact reconstruction")
+            log.warning("%s", info["convergence"])
+    times["inversion_method_s" if method not in OPTIMISING else "null_text_s"] = time.perf_counter() - t
+    if rec is None:
+        t = time.perf_counter()
+        step_nulls = nulls if len(nulls) == steps else nulls * steps
+        rec = nt.ddim_sample_cfg(model.eps, sched, latents[-1], c, step_nulls, guidance,
+                                 callback=stage(total - steps))
+        times["reconstruction_s"] = time.perf_counter() - t
     with torch.inference_mode(False):
         inv = Inversion(latents=[z.detach().float().cpu().clone() for z in latents],
-                        nulls=[n.detach().float().cpu().clone() for n in nulls], cond=cond, uncond=uncond,
-                        alphas_cumprod=model.alphas_cumprod.clone(), prompt=prompt, guidance=float(guidance),
-                        source=source.detach().float().cpu().clone(), is_global=bool(global_null),
-                        inner_steps=int(inner_steps), losses=[float(x) for x in losses])
-    inv.info = {"latent_mse": float(F.mse_loss(rec.float().cpu(), latents[0].float().cpu())),
+                        nulls=[n.detach().float().cpu().clone() for n in nulls], cond=cond.float(),
+                        uncond=uncond.float(), alphas_cumprod=model.alphas_cumprod.clone(), prompt=prompt,
+                        guidance=float(guidance), source=source.detach().float().cpu().clone(),
+                        is_global=bool(is_global), inner_steps=int(inner_steps), losses=[float(x) for x in losses],
+                        method=method, corrections=[d.detach().float().cpu().clone() for d in corrections],
+                        family=str(getattr(model, "family", UNKNOWN)),
+                        cond_kind=str(getattr(model, "cond_kind", UNKNOWN)))
+    inv.info = {"latent_mse": float(F.mse_loss(rec.float().cpu(), latents[0].float().cpu())), **info,
                 **{k: round(v, 3) for k, v in times.items()}}
     return inv, rec
 
@@ -258,16 +363,16 @@ def controller(inv: Inversion, source: p2p.TokenizedPrompt, target: p2p.Tokenize
 def edit(model, inv: Inversion, cond_edit: torch.Tensor, ctrl: p2p.AttentionControl, guidance: float = 7.5,
          callback: nt.Callback | None = None) -> torch.Tensor:
     """Prompt-to-prompt: the caption and the edit (context ``cond_edit``) sampled together from z*_N with the
-    inversion's null embeddings, ``ctrl`` injecting the source's attention (``model`` must route its attention
-    through it: host/sd.py's SDModel(model, ctrl)). Returns the latents [2, C, h, w]: the reconstruction, then
-    the edit."""
+    inversion's null embeddings (and, after Direct Inversion, its corrections added to the source row), ``ctrl``
+    injecting the source's attention (``model`` must route its attention through it: host/sd.py's
+    SDModel(model, ctrl)). Returns the latents [2, C, h, w]: the reconstruction, then the edit."""
     inv.check_model(model)
     with torch.inference_mode(False):
         cond = torch.cat([inv.cond, cond_edit]).to(model.device)
         z = inv.latents[-1].to(model.device).expand(2, -1, -1, -1).clone()
         nulls = [n.to(model.device) for n in inv.step_nulls()]
     return nt.ddim_sample_cfg(model.eps, inv.schedule(), z, cond, nulls, guidance, controller=ctrl,
-                              callback=callback)
+                              callback=callback, corrections=inv.step_corrections(model.device))
 
 
 def sdedit_steps(inv: Inversion, t0: float) -> int:
@@ -277,8 +382,8 @@ def sdedit_steps(inv: Inversion, t0: float) -> int:
 
 def sdedit_run(model, inv: Inversion, cond: torch.Tensor, t0: float, guidance: float = 7.5,
                start: str = "inversion", seed: int = 0, callback: nt.Callback | None = None) -> torch.Tensor:
-    """SDEdit towards ``cond`` from strength t0: from the inverted z*_k with the optimised null embeddings
-    ("inversion"), or from q_sample(z0, k) with fresh noise (``seed``) and the empty prompt's embedding
+    """SDEdit towards ``cond`` from strength t0: from the inverted z*_k with the inversion's null embeddings (and
+    Direct Inversion's corrections, which pull every step back by the source's own drift) ("inversion"), or from q_sample(z0, k) with fresh noise (``seed``) and the empty prompt's embedding
     ("random noise", plain SDEdit). Returns the latent z̄_0."""
     inv.check_model(model)
     sched = inv.schedule()
@@ -289,7 +394,8 @@ def sdedit_run(model, inv: Inversion, cond: torch.Tensor, t0: float, guidance: f
         if start == "inversion":
             nulls = [n.to(model.device) for n in inv.step_nulls()]
             return nt.sdedit(model.eps, sched, z0, c, nulls, t0, guidance,
-                             start_latent=inv.latents[k].to(model.device), callback=callback)
+                             start_latent=inv.latents[k].to(model.device), callback=callback,
+                             corrections=inv.step_corrections(model.device))
         if start != "random noise":
             raise ValueError(f"start {start!r} unknown: use one of {list(SDEDIT_STARTS)}")
         gen = torch.Generator().manual_seed(int(seed))
@@ -302,7 +408,9 @@ def sdedit_runs(model, inv: Inversion, cond: torch.Tensor, t0s: list[float], gui
     """The SDEdit points of a fidelity sweep (models/fidelity.py): every t0 after NULL-text inversion, then with
     ``plain`` every t0 of plain SDEdit; ``decode`` turns each result's latent into [1, 3, H, W] in 0..1."""
     inv.check_model(model)
-    methods = [("SDEdit after NULL-text inversion", "inversion")] + \
+    name = "NULL-text" if inv.method in OPTIMISING else {"negative-prompt": "negative-prompt",
+                                                         "direct": "direct"}[inv.method]
+    methods = [(f"SDEdit after {name} inversion", "inversion")] + \
         ([("plain SDEdit", "random noise")] if plain else [])
 
     def make(t0: float, start: str):

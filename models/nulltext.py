@@ -44,7 +44,8 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor], None]
 
 __all__ = ["DDIMSchedule", "ddim_step", "ddim_invert", "null_text_optimize", "null_text_optimize_global",
-           "ddim_sample_cfg", "sdedit", "sdedit_start_step", "EpsFn", "Callback"]
+           "direct_inversion_offsets", "early_stop_threshold", "ddim_sample_cfg", "sdedit", "sdedit_start_step",
+           "EpsFn", "Callback"]
 
 
 # --------------------------------------------------------------------------------------------- schedule
@@ -115,8 +116,9 @@ def _eps(eps: EpsFn, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) ->
 
 
 def _cfg(eps: EpsFn, z, t, cond, uncond, guidance):
-    """Classifier-free guided ε: ε_u + w(ε_c − ε_u), one batched call; w = 1 runs cond only."""
-    if guidance == 1:
+    """Classifier-free guided ε: ε_u + w(ε_c − ε_u), one batched call; w = 1, or a null embedding equal to the
+    condition (Negative-Prompt Inversion's reconstruction), runs cond only (ε_u = ε_c there)."""
+    if guidance == 1 or (uncond.shape == cond.shape and torch.equal(uncond, cond)):
         return _eps(eps, z, t, cond)
     n = z.shape[0]
     out = _eps(eps, torch.cat([z, z]), torch.cat([t, t]), torch.cat([uncond, cond]))
@@ -152,6 +154,11 @@ def ddim_invert(eps: EpsFn, schedule: DDIMSchedule, z0: torch.Tensor, cond: torc
     return out
 
 
+def early_stop_threshold(i: int, epsilon: float = 1e-5) -> float:
+    """The loss below which ``null_text_optimize`` stops optimising sampling step i (the paper's ε + i·2e-5)."""
+    return epsilon + i * 2e-5
+
+
 def null_text_optimize(eps: EpsFn, schedule: DDIMSchedule, latents: Sequence[torch.Tensor],
                        cond: torch.Tensor, uncond: torch.Tensor, guidance: float = 7.5,
                        inner_steps: int = 10, lr: float = 1e-2, epsilon: float = 1e-5,
@@ -163,12 +170,13 @@ def null_text_optimize(eps: EpsFn, schedule: DDIMSchedule, latents: Sequence[tor
     ‖z*_{k−1} − DDIM(z̄_k, ∅, C)‖² (mean squared error), stopping early once the loss is below
     ε + i·2e-5; then z̄_{k−1} = DDIM(z̄_k, ∅_i, C) and ∅ carries over to step i+1.
     Returns [∅_0, …, ∅_{N−1}] (each [1, L, D], float32, detached). ``losses``, if given, receives
-    the last loss of each step."""
+    the last loss of each step. The optimisation runs in float32 whatever the model's dtype (latents,
+    embeddings, loss and Adam state; ``eps`` may compute in half precision inside)."""
     _check_latents(schedule, latents)
     n = schedule.steps
     with grad_mode():
-        target = [z.detach().clone() for z in latents]
-        cond = _ctx(cond.detach().clone(), 1, "cond")
+        target = [z.detach().float().clone() for z in latents]
+        cond = _ctx(cond.detach().float().clone(), 1, "cond")
         null = _ctx(uncond.detach().clone(), 1, "uncond").float()
         if null.shape[1:] != cond.shape[1:]:
             raise ValueError(f"uncond {tuple(null.shape)} and cond {tuple(cond.shape)} differ in shape: "
@@ -192,7 +200,7 @@ def null_text_optimize(eps: EpsFn, schedule: DDIMSchedule, latents: Sequence[tor
                 null.grad = grad
                 opt.step()
                 loss_value = loss.item()
-                if loss_value < epsilon + i * 2e-5:
+                if loss_value < early_stop_threshold(i, epsilon):
                     break
             null = null.detach()
             nulls.append(null.clone())
@@ -220,8 +228,8 @@ def null_text_optimize_global(eps: EpsFn, schedule: DDIMSchedule, latents: Seque
     _check_latents(schedule, latents)
     n = schedule.steps
     with grad_mode():
-        target = [z.detach().clone() for z in latents]
-        cond = _ctx(cond.detach().clone(), 1, "cond")
+        target = [z.detach().float().clone() for z in latents]
+        cond = _ctx(cond.detach().float().clone(), 1, "cond")
         null = _ctx(uncond.detach().clone(), 1, "uncond").float().requires_grad_(True)
         opt = torch.optim.Adam([null], lr=lr)
         for j in range(epochs):
@@ -247,9 +255,39 @@ def null_text_optimize_global(eps: EpsFn, schedule: DDIMSchedule, latents: Seque
 
 
 @torch.no_grad()
+def direct_inversion_offsets(eps: EpsFn, schedule: DDIMSchedule, latents: Sequence[torch.Tensor],
+                             cond: torch.Tensor, uncond: torch.Tensor, guidance: float = 7.5,
+                             callback: Callback | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Direct Inversion ("PnP Inversion", Ju et al.): no optimisation. For sampling step i (k = N−i) from the
+    pivot z*_k, one guided DDIM step with the empty prompt's ``uncond`` gives z̄_{k−1}; the correction
+    d_i = z*_{k−1} − z̄_{k−1} is stored and the source branch continues from z̄_{k−1} + d_i = z*_{k−1}, so
+    sampling with the corrections added (``ddim_sample_cfg(..., corrections=…)``) stays on the inversion
+    trajectory and reconstructs z*_0 up to float rounding.
+    Returns ([d_0, …, d_{N−1}] (each [1, C, h, w], float32, detached), the corrected z̄_0)."""
+    _check_latents(schedule, latents)
+    n = schedule.steps
+    target = [z.detach().float() for z in latents]
+    cond = _ctx(cond.detach().float(), 1, "cond")
+    uncond = _ctx(uncond.detach().float(), 1, "uncond")
+    z = target[n]
+    out = []
+    for i in range(n):
+        k = n - i
+        e = _cfg(eps, z, schedule.t(k, 1, z.device), cond, uncond, guidance)
+        prev = ddim_step(z, e, schedule.levels[k], schedule.levels[k - 1])
+        d = target[k - 1] - prev
+        out.append(d.clone())
+        z = prev + d
+        if callback is not None:
+            callback(i + 1, n, z)
+    return out, z
+
+
+@torch.no_grad()
 def ddim_sample_cfg(eps: EpsFn, schedule: DDIMSchedule, z: torch.Tensor, cond: torch.Tensor,
                     uncond: torch.Tensor | Sequence[torch.Tensor], guidance: float = 7.5,
-                    start_step: int = 0, controller=None, callback: Callback | None = None) -> torch.Tensor:
+                    start_step: int = 0, controller=None, callback: Callback | None = None,
+                    corrections: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """Deterministic DDIM sampling with classifier-free guidance, from sampling step ``start_step``
     (z at level N − start_step; 0 = from z_N) down to z_0.
 
@@ -258,7 +296,10 @@ def ddim_sample_cfg(eps: EpsFn, schedule: DDIMSchedule, z: torch.Tensor, cond: t
     ``controller`` (models.p2p.AttentionControl, optional): told the step before each UNet call
     (``begin_step``; the batched call is [uncond rows, cond rows], i.e. cond_or_uncond = [1, 0]) and
     given the latents after it (``end_step``, local blending). For prompt-to-prompt pass the batch
-    [source, edit…] with cond [B, L, D]."""
+    [source, edit…] with cond [B, L, D].
+    ``corrections`` (Direct Inversion, optional): N tensors [b, C, h, w] from ``direct_inversion_offsets``,
+    indexed by the absolute sampling step; the i-th is added to the first b rows (the source) after step i,
+    before the controller's ``end_step`` (so local blending sees the corrected source)."""
     n = schedule.steps
     if not 0 <= start_step <= n:
         raise ValueError(f"start_step = {start_step}: it must be in 0..{n}")
@@ -266,6 +307,9 @@ def ddim_sample_cfg(eps: EpsFn, schedule: DDIMSchedule, z: torch.Tensor, cond: t
     if per_step and len(uncond) != n:
         raise ValueError(f"{len(uncond)} null embeddings for a {n}-step schedule: the list from "
                          "null_text_optimize must come from the same number of steps")
+    if corrections is not None and len(corrections) != n:
+        raise ValueError(f"{len(corrections)} corrections for a {n}-step schedule: they must come from "
+                         "direct_inversion_offsets with the same number of steps")
     b = z.shape[0]
     cond = _ctx(cond, b, "cond").to(z.device, z.dtype)
     if controller is not None:
@@ -278,6 +322,9 @@ def ddim_sample_cfg(eps: EpsFn, schedule: DDIMSchedule, z: torch.Tensor, cond: t
                                   latent_shape=tuple(z.shape[-2:]))
         e = _cfg(eps, z, schedule.t(k, b, z.device), cond, u, guidance)
         z = ddim_step(z, e, schedule.levels[k], schedule.levels[k - 1])
+        if corrections is not None:
+            d = corrections[i].to(z.device, z.dtype)
+            z = torch.cat([z[:d.shape[0]] + d, z[d.shape[0]:]])
         if controller is not None:
             z = controller.end_step(z)
         if callback is not None:
@@ -297,7 +344,7 @@ def sdedit(eps: EpsFn, schedule: DDIMSchedule, z0: torch.Tensor, cond: torch.Ten
            uncond: torch.Tensor | Sequence[torch.Tensor], t0: float, guidance: float = 7.5,
            noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
            start_latent: torch.Tensor | None = None, controller=None,
-           callback: Callback | None = None) -> torch.Tensor:
+           callback: Callback | None = None, corrections: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """SDEdit from t0: noise z0 to level k = round(t0·N) (fresh noise, or ``start_latent``, e.g. the
     inverted z*_k = latents[k]), then DDIM with guidance towards ``cond``. With the per-step null
     embeddings of the inversion as ``uncond`` this is the supplement's "SDEdit after NULL-text
@@ -308,4 +355,5 @@ def sdedit(eps: EpsFn, schedule: DDIMSchedule, z0: torch.Tensor, cond: torch.Ten
         if noise is None:
             noise = torch.randn(z0.shape, generator=generator, dtype=z0.dtype).to(z0.device)
         start_latent = schedule.q_sample(z0, k, noise)
-    return ddim_sample_cfg(eps, schedule, start_latent, cond, uncond, guidance, start, controller, callback)
+    return ddim_sample_cfg(eps, schedule, start_latent, cond, uncond, guidance, start, controller, callback,
+                           corrections)

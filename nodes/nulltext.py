@@ -113,6 +113,11 @@ class NullTextInvert:
             "global_null": ("BOOLEAN", {"default": False, "tooltip":
                 "One null embedding for all steps (supplement Algorithm 2) instead of one per step: smaller, "
                 "but converges much more slowly."}),
+            "method": (list(ni.METHODS), {"default": "null-text", "tooltip":
+                "null-text: optimise a null embedding per step (slowest, the paper's). null-text global: one for all "
+                "steps (same as global_null). negative-prompt: the caption's embedding as the null one, no "
+                "optimisation (fast, approximate). direct: Direct Inversion, per-step corrections of the source "
+                "branch, no optimisation (fast, exact reconstruction). inner_steps applies to null-text only."}),
         }}
 
     RETURN_TYPES = (INVERSION_T, "IMAGE", "STRING")
@@ -126,16 +131,18 @@ class NullTextInvert:
                    "per-step optimisation of the unconditional (null) embedding so that guided sampling "
                    "reconstructs it. Invert once, then edit many times (prompt-to-prompt, SDEdit).")
 
-    def invert(self, model, clip, vae, image, prompt, steps=50, guidance=7.5, inner_steps=10, global_null=False):
+    def invert(self, model, clip, vae, image, prompt, steps=50, guidance=7.5, inner_steps=10, global_null=False,
+               method="null-text"):
         if image.ndim == 4 and image.shape[0] != 1:
             raise ValueError(f"NULL-text Invert inverts one image at a time, got a batch of {image.shape[0]}: "
                              "pick one (e.g. with Image From Batch)")
         started = time.perf_counter()
-        sd = SDModel(model, grad=inner_steps > 0)
-        bar = host.progress(ni.invert_steps(steps, inner_steps, global_null), "NULL-text inversion")
+        method = ni.resolve_method(method, global_null)
+        sd = SDModel(model, grad=inner_steps > 0 and method in ni.OPTIMISING)
+        bar = host.progress(ni.invert_steps(steps, inner_steps, method=method), f"{method} inversion")
         try:
             inv, recon = invert_image(sd, clip, vae, image, prompt.strip(), steps=steps, guidance=guidance,
-                                      inner_steps=inner_steps, global_null=global_null, callback=_progress(bar, sd),
+                                      inner_steps=inner_steps, method=method, callback=_progress(bar, sd),
                                       started=started)
         finally:
             bar.close()

@@ -178,6 +178,35 @@ def test_global_null_converges_more_slowly(sd, image, inverted):
     assert inverted[2]["latent_mse"] < rep_g["latent_mse"] < plain["latent_mse"]
 
 
+def test_every_method_inverts_and_edits_on_comfyui_models(sd, image, inverted, tmp_path, monkeypatch):
+    """The method input (issue 14): NPI and Direct Inversion on ComfyUI's MODEL, their edits, their files."""
+    model, clip, vae = sd
+    _, _, plain = invert(sd, image, inner_steps=0)
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))
+    for method in ("negative-prompt", "direct"):
+        inv, recon, report = invert(sd, image, method=method)
+        assert inv.method == report["method"] == method and "null_text_s" not in report
+        assert (inv.family, inv.cond_kind) == ("SD15/EPS", "context")  # refused by other model families
+        if method == "direct":  # exact: the corrections keep the source on the inversion trajectory
+            assert report["latent_mse"] < 1e-10 and len(inv.corrections) == STEPS
+        else:
+            assert report["latent_mse"] < plain["latent_mse"] and torch.equal(inv.nulls[0], inv.cond)
+        (path,) = run("SaveInversion", inversion=inv, filename=f"nulltext/{method}")
+        loaded, _, _ = run("LoadInversion", filename=path)
+        assert loaded.method == method and len(loaded.corrections) == len(inv.corrections)
+        kw = dict(model=model, clip=clip, vae=vae, inversion=loaded, guidance=7.5)
+        (same,) = run("NullTextSDEdit", target_prompt="", t0=1.0, start="inversion", seed=0, **kw)
+        assert (same - recon).abs().max() < 1e-4
+        (out,) = run("NullTextEdit", target_prompt="a photo of a dog", mode="replace", cross_replace_steps=0.8,
+                     self_replace_steps=0.4, reweight_words="", reweight_factor=1.0, blend_words="", **kw)
+        # the edit's source row runs in a batch of 4 through the prompt-to-prompt attention patch, the reconstruction
+        # in a batch of 1 or 2 through ComfyUI's own attention: float rounding only (1.0e-4 measured in pixels,
+        # which the random VAE amplifies; the latents' exactness is tested in test_inversion.py)
+        assert (out[0] - recon[0]).abs().max() < 1e-3 and (out[1] - out[0]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="global_null applies to NULL-text only"):
+        invert(sd, image, method="direct", global_null=True)
+
+
 def test_save_load_round_trip(sd, inverted, tmp_path, monkeypatch):
     model, clip, vae = sd
     inv = inverted[0]

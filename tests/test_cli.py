@@ -905,5 +905,5 @@ def test_fidelity_sdedit_with_comfyui_checkpoint(tmp_path, sd_checkpoint, small_
     again = _csv_rows(tmp_path / "b" / "fidelity.csv")
     want = [rows[0], rows[1], rows[4]]
     assert [r[:3] for r in again] == [r[:3] for r in want]  # the numbers agree to float noise (6th decimal)
-    assert [[float(v) for v in r[3:]] for r in again] == pytest.approx([[float(v) for v in r[3:]] for r in want],
-                                                                        rel=1e-5, abs=1e-5)
+    assert [float(v) for r in again for v in r[3:]] == pytest.approx([float(v) for r in want for v in r[3:]],
+                                                                      rel=1e-5, abs=1e-5)

@@ -9,27 +9,16 @@ services; the nodes run under ``torch.inference_mode()`` as ComfyUI runs them.
 """
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-COMFY = os.environ.get("COMFYUI_PATH", "")
-if not COMFY or not (Path(COMFY) / "comfy" / "model_management.py").is_file():
-    pytest.skip("set COMFYUI_PATH to a ComfyUI checkout to run the model-management tests", allow_module_level=True)
-if str(Path(COMFY).resolve()) not in sys.path:
-    sys.path.append(str(Path(COMFY).resolve()))
-try:
-    from comfy.cli_args import args as comfy_args
-    if not torch.cuda.is_available():
-        comfy_args.cpu = True  # before comfy.model_management is imported (as main.py --cpu)
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import folder_paths
-except ImportError as e:  # a checkout whose requirements this interpreter lacks
-    pytest.skip(f"ComfyUI at {COMFY} does not import here ({e}): run with its interpreter", allow_module_level=True)
+from comfy_env import load_comfyui  # noqa: E402
+
+COMFY = str(load_comfyui("the model-management tests"))
+import comfy.model_management as mm  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import folder_paths  # noqa: E402
 
 import tiny  # noqa: E402  (tests/ is on sys.path)
 from blended_diffusion import host  # noqa: E402

@@ -12,32 +12,22 @@ downsampling), on 64x64 images (8x8 latents). Every node runs under ``torch.infe
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-COMFY = os.environ.get("COMFYUI_PATH", "")
-if not COMFY or not (Path(COMFY) / "comfy" / "model_base.py").is_file():
-    pytest.skip("set COMFYUI_PATH to a ComfyUI checkout to run the NULL-text node tests", allow_module_level=True)
-if str(Path(COMFY).resolve()) not in sys.path:
-    sys.path.append(str(Path(COMFY).resolve()))
-try:
-    from comfy.cli_args import args as comfy_args
-    if not torch.cuda.is_available():
-        comfy_args.cpu = True  # before comfy.model_management is imported (as main.py --cpu)
-    import comfy.model_management  # noqa: F401
-    import comfy.model_patcher
-    import comfy.sd
-    import comfy.sd1_clip
-    import comfy.supported_models
-    import comfy.supported_models_base
-    import folder_paths
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-except ImportError as e:  # a checkout whose requirements this interpreter lacks
-    pytest.skip(f"ComfyUI at {COMFY} does not import here ({e}): run with its interpreter", allow_module_level=True)
+from comfy_env import load_comfyui  # noqa: E402
+
+COMFY = str(load_comfyui("the NULL-text node tests"))
+import comfy.model_management  # noqa: E402, F401
+import comfy.model_patcher  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.sd1_clip  # noqa: E402
+import comfy.supported_models  # noqa: E402
+import comfy.supported_models_base  # noqa: E402
+import folder_paths  # noqa: E402
+from comfy.ldm.models.autoencoder import AutoencoderKL  # noqa: E402
 
 import tiny_sd  # noqa: E402  (tests/ is on sys.path)
 from blended_diffusion import host  # noqa: E402

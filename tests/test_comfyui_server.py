@@ -749,3 +749,39 @@ def test_progress_preview_and_cancel_keeps_models(server, ws):
               if isinstance(m, dict) and m.get("type") == "execution_cached"]
     cached = {n for c in cached for n in c}
     assert loader_ids <= cached, f"loaders re-ran after cancel (cached {sorted(cached)}, loaders {loader_ids})"
+
+
+def _requested_loads(server, since: int) -> list[str]:
+    """Class names in ComfyUI's 'Requested to load X' log lines (model management loading a model) after
+    the log offset ``since``."""
+    text = server.log_path.read_text(errors="replace")[since:]
+    return re.findall(r"Requested to load (\w+)", text)
+
+
+def test_free_unloads_our_models_and_the_next_prompt_reloads_them(server, ws):
+    """POST /free with unload_models takes our UNet and CLIP out of ComfyUI's memory manager (issue 13): the
+    next prompt has model management load both again, and gives the same images for the same seed."""
+    wf, sampler, prompt = _sampler_graph()
+    if wf is None:
+        pytest.skip("no API workflow with a BlendedDiffusionSampler yet")
+    prompt = _set_steps(prompt, server.object_info, **FAST, seed_offset=3000)
+    start = len(server.log_path.read_text(errors="replace"))
+    _, first, messages = _run(server, ws, prompt)
+    assert first["status"]["status_str"] == "success", _error_text(first, messages, server)
+    loads = _requested_loads(server, start)
+    assert "UNetModel" in loads and "CLIP" in loads, f"our models were not loaded by ComfyUI: {loads}"
+    before = [_pixels(f) for f in _image_files(server, first["outputs"], "bd_test_preview")]
+    assert before
+
+    mark = len(server.log_path.read_text(errors="replace"))
+    status, _ = server.post("/free", {"unload_models": True, "free_memory": True})  # also drops the node cache
+    assert status == 200
+    time.sleep(3)  # the idle prompt worker wakes on the flag and unloads before the next prompt is queued
+    _, again, messages = _run(server, ws, prompt)
+    assert again["status"]["status_str"] == "success", _error_text(again, messages, server)
+    reloads = _requested_loads(server, mark)
+    assert "UNetModel" in reloads and "CLIP" in reloads, \
+        f"after /free our models were not loaded again (so /free did not unload them): {reloads}"
+    after = [_pixels(f) for f in _image_files(server, again["outputs"], "bd_test_preview")]
+    assert len(after) == len(before) and all((a == b).all() for a, b in zip(after, before)), \
+        "the same prompt gave other images after /free"

@@ -758,30 +758,31 @@ def _requested_loads(server, since: int) -> list[str]:
     return re.findall(r"Requested to load (\w+)", text)
 
 
+def _free_then_run(server, ws, prompt):
+    """POST /free (unload_models + free_memory, which also drops the node cache), then run ``prompt``:
+    (history entry, the class names model management loaded for it)."""
+    status, _ = server.post("/free", {"unload_models": True, "free_memory": True})
+    assert status == 200
+    time.sleep(3)  # the idle prompt worker wakes on the flag and unloads before the next prompt is queued
+    mark = len(server.log_path.read_text(errors="replace"))
+    _, entry, messages = _run(server, ws, prompt)
+    assert entry["status"]["status_str"] == "success", _error_text(entry, messages, server)
+    return entry, _requested_loads(server, mark)
+
+
 def test_free_unloads_our_models_and_the_next_prompt_reloads_them(server, ws):
-    """POST /free with unload_models takes our UNet and CLIP out of ComfyUI's memory manager (issue 13): the
-    next prompt has model management load both again, and gives the same images for the same seed."""
+    """POST /free with unload_models takes our UNet and CLIP out of ComfyUI's memory manager (issue 13): each
+    prompt after it has model management load both again, and the same seed gives the same images."""
     wf, sampler, prompt = _sampler_graph()
     if wf is None:
         pytest.skip("no API workflow with a BlendedDiffusionSampler yet")
     prompt = _set_steps(prompt, server.object_info, **FAST, seed_offset=3000)
-    start = len(server.log_path.read_text(errors="replace"))
-    _, first, messages = _run(server, ws, prompt)
-    assert first["status"]["status_str"] == "success", _error_text(first, messages, server)
-    loads = _requested_loads(server, start)
+    first, loads = _free_then_run(server, ws, prompt)
     assert "UNetModel" in loads and "CLIP" in loads, f"our models were not loaded by ComfyUI: {loads}"
     before = [_pixels(f) for f in _image_files(server, first["outputs"], "bd_test_preview")]
-    assert before
-
-    mark = len(server.log_path.read_text(errors="replace"))
-    status, _ = server.post("/free", {"unload_models": True, "free_memory": True})  # also drops the node cache
-    assert status == 200
-    time.sleep(3)  # the idle prompt worker wakes on the flag and unloads before the next prompt is queued
-    _, again, messages = _run(server, ws, prompt)
-    assert again["status"]["status_str"] == "success", _error_text(again, messages, server)
-    reloads = _requested_loads(server, mark)
+    again, reloads = _free_then_run(server, ws, prompt)
     assert "UNetModel" in reloads and "CLIP" in reloads, \
         f"after /free our models were not loaded again (so /free did not unload them): {reloads}"
     after = [_pixels(f) for f in _image_files(server, again["outputs"], "bd_test_preview")]
-    assert len(after) == len(before) and all((a == b).all() for a, b in zip(after, before)), \
+    assert before and len(after) == len(before) and all((a == b).all() for a, b in zip(after, before)), \
         "the same prompt gave other images after /free"

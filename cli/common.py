@@ -69,6 +69,16 @@ def add_model_args(p: argparse.ArgumentParser, *, ddpm: bool = True, clip: bool 
                    help="never download weights; fail with the file name, URL and folder instead")
 
 
+def add_sd_checkpoint_args(g) -> None:
+    """--sd-checkpoint and --comfyui: a Stable Diffusion checkpoint loaded with ComfyUI (fidelity, bench)."""
+    g.add_argument("--sd-checkpoint", dest="sd_checkpoint", metavar="FILE", default=None,
+                   help="an SD1.x/SD2.x checkpoint (.safetensors/.ckpt with its VAE and text encoder), loaded "
+                        "with ComfyUI's comfy.sd")
+    g.add_argument("--comfyui", metavar="DIR", default=None,
+                   help="the ComfyUI installation to load it with; this Python must have its requirements "
+                        "(default: $COMFYUI_PATH)")
+
+
 def add_diffusion_args(p: argparse.ArgumentParser):
     p.add_argument("--timestep_respacing", type=str, default="100",
                    help="respaced steps out of 1000 (guided-diffusion syntax: '100', 'ddim50', '10,20')")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..render import figure, label, to_pil
 from . import CLIError
-from .common import (StepBar, add_context_arg, add_diffusion_args, add_model_args, add_parser as new_parser,
+from .common import (StepBar, add_context_arg, add_diffusion_args, add_model_args, add_sd_checkpoint_args,
+                     add_parser as new_parser,
                      check_at_least_one, check_context, check_output_dir, check_weights, count_steps, engine_check,
                      import_comfyui, load_models, log, parameters, resolve_device, resolved_path, summary,
                      use_example, vae_crop, write_json)
@@ -54,12 +55,7 @@ def add_parser(sub):
 
 def _add_sd_args(f):
     g = f.add_argument_group("SDEdit with and without NULL-text inversion (Stable Diffusion 1.x/2.x via ComfyUI)")
-    g.add_argument("--sd-checkpoint", dest="sd_checkpoint", metavar="FILE", default=None,
-                   help="an SD1.x/SD2.x checkpoint (.safetensors/.ckpt with its VAE and text encoder), loaded "
-                        "with ComfyUI's comfy.sd")
-    g.add_argument("--comfyui", metavar="DIR", default=None,
-                   help="the ComfyUI installation to load it with; this Python must have its requirements "
-                        "(default: $COMFYUI_PATH)")
+    add_sd_checkpoint_args(g)
     g.add_argument("--source-prompt", dest="source_prompt", metavar="CAPTION", default=None,
                    help="a caption of the source image: NULL-text inversion starts from it")
     g.add_argument("--inversion", metavar="FILE", default=None,

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from .. import CLIError
-from ..common import (COMFYUI_FIX, add_diffusion_args, add_model_args, add_parser as new_parser, check_at_least_one,
+from ..common import (COMFYUI_FIX, add_diffusion_args, add_model_args, add_sd_checkpoint_args,
+                      add_parser as new_parser, check_at_least_one,
                       check_skip, check_weights, import_comfyui, log, resolve_device, resolve_weights, summary,
                       write_json)
 from .data import METHODS, SD_METHODS
@@ -55,9 +56,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("--lpips-net", dest="lpips_net", default="squeeze", choices=["squeeze", "alex", "vgg"],
                    help="LPIPS network of the background LPIPS (PIE-Bench: squeeze)")
     s = b.add_argument_group("NULL-text inversion, prompt-to-prompt and SDEdit (Stable Diffusion 1.x/2.x via ComfyUI)")
-    s.add_argument("--sd-checkpoint", dest="sd_checkpoint", metavar="FILE", default=None,
-                   help="Stable Diffusion checkpoint, loaded with ComfyUI")
-    s.add_argument("--comfyui", metavar="DIR", default=None, help="ComfyUI installation (default: $COMFYUI_PATH)")
+    add_sd_checkpoint_args(s)
     s.add_argument("--steps", type=int, default=50, help="DDIM steps of inversion and editing")
     s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     s.add_argument("--inner-steps", dest="inner_steps", type=int, default=10, help="Adam steps per DDIM step")

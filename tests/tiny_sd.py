@@ -1,4 +1,5 @@
-"""A small, randomly initialised Stable Diffusion 1.x checkpoint in the real single-file format.
+"""Small, randomly initialised Stable Diffusion 1.x, SDXL and SD2.x v-prediction checkpoints in the real
+single-file format.
 
 ``write_sd15_checkpoint(path)`` writes one ``.safetensors`` with the original LDM key names
 (``model.diffusion_model.*``, ``cond_stage_model.transformer.text_model.*``, ``first_stage_model.*``) that
@@ -24,6 +25,36 @@ its cross-attention values are strong (the text matters, so guidance 7.5 breaks 
 paper); the VAE encoder's output is scaled by 1/0.18215 so that latents after SD1.x's 0.18215 are of order 1
 (std about 0.5). Stored as float16 (as most SD1.5 files are; ComfyUI casts on load). About 0.5 GB: 47.5M UNet,
 123.1M text encoder and 83.7M VAE parameters; written in about 10 s on a CPU.
+
+``write_sdxl_checkpoint(path)``: the same for SDXL base, with the original SGM key names
+(``model.diffusion_model.*``, ``conditioner.embedders.0.transformer.text_model.*`` for CLIP-L,
+``conditioner.embedders.1.model.*`` for OpenCLIP bigG in its own layout: ``transformer.resblocks.N.attn.in_proj_*``,
+``text_projection``, ``logit_scale``, ..., ``first_stage_model.*``), mapped by ComfyUI's own
+``SDXL.process_clip_state_dict_for_saving`` (the reverse of what its loader does). ComfyUI loads it as
+``comfy.supported_models.SDXL`` / ``model_base.SDXL`` (EPS):
+
+- UNet: detection matches model_channels 320, linear transformer projections, context 2048, adm 2816 and the
+  input transformer_depth [0, 0, 2, 2, 10, 10] exactly (which also keeps SSD-1B, Vega and KOALA away);
+  channel_mult, the output and middle depths are read from the keys, so here: channel_mult [1, 1, 1] (every
+  level 320 wide), 2 res blocks per level, one transformer in each output block of the lowest level, a 1-block
+  middle transformer: 149.6M parameters (the real one: 2.57G);
+- text encoders: the full CLIP-L (123.1M, no text_projection, as real SDXL files) and CLIP-G (694.7M with its
+  text_projection, so the pooled output that goes into SDXL's adm vector is a real projection);
+- VAE: ComfyUI's default AutoencoderKL (83.7M; latent format SDXL, scale 0.13025, so the encoder's output is
+  scaled by 1/0.13025).
+About 2.1 GB (1051M parameters); built in about 30 s and written in about 50 s on the 2-core test machine,
+loaded by ComfyUI in about 7 s.
+
+``write_sd2v_checkpoint(path)``: SD2.x v-prediction (``model.diffusion_model.*``, ``cond_stage_model.model.*``
+(OpenCLIP ViT-H, 24 layers, width 1024: 354.0M, full size), ``first_stage_model.*``), loaded as
+``comfy.supported_models.SD20`` with model_type V_PREDICTION. SD20 is matched on context 1024, model_channels
+320 and linear projections; ComfyUI decides v-prediction from the std of
+``output_blocks.11.1.transformer_blocks.0.norm1.bias`` (> 0.09), as for the real 768-v files (which carry no
+``v_pred`` key), so the UNet must have an output block 11 with a transformer: the smallest such layout is
+12 output blocks = (res blocks + 1) x levels; here three 320-wide levels with 3 res blocks each, transformers on
+the lowest level (input, middle, output: the 1/16-of-the-pixels layers prompt-to-prompt's self-attention
+injection acts on) and on output block 11, whose norm1.bias is drawn with std 0.2: 95.5M parameters. About
+1.07 GB (533M parameters); written in about 25 s, loaded in about 3 s.
 
 ComfyUI is imported only inside the functions (this module is imported by test files that skip without it):
 the ``comfy`` package must be importable, or ``COMFYUI_PATH`` must name a checkout (it is then put on
@@ -57,6 +88,33 @@ VAE_PREFIX = "first_stage_model."
 UNET_SCALES = {"out.": 0.2, "attn2.to_v": 5.0}
 VAE_SCALES = {"encoder.conv_out": 1 / 0.18215}
 DTYPE = torch.float16
+# SDXL (comfy.supported_models.SDXL, model_base.SDXL): detection matches model_channels 320, linear projections,
+# context 2048, adm 2816 and the input transformer_depth exactly; the rest is small: three levels of 320
+# channels (channel_mult [1, 1, 1], 2 res blocks each, as SDXL), one transformer in each of the lowest level's
+# output blocks (transformer_depth_output is listed from the last output block back, as detection reads it) and
+# a 1-block middle transformer. SDXL adds num_head_channels 64 (5 heads at 320).
+SDXL_UNET_CONFIG = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+                    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "out_channels": 4,
+                    "model_channels": 320,
+                    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+                    "transformer_depth_output": [0, 0, 0, 0, 0, 0, 1, 1, 1], "channel_mult": [1, 1, 1],
+                    "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 2048,
+                    "use_temporal_resblock": False, "use_temporal_attention": False}
+SDXL_PREFIXES = {"unet": UNET_PREFIX, "clip_l": "conditioner.embedders.0.transformer.text_model.",
+                 "clip_g": "conditioner.embedders.1.model.", "vae": VAE_PREFIX}
+SDXL_VAE_SCALES = {"encoder.conv_out": 1 / 0.13025}
+# SD2.x (comfy.supported_models.SD20): matched on context 1024, model_channels 320, linear projections, no adm;
+# v-prediction is read from output block 11's first transformer, so the UNet has 12 output blocks: three levels
+# of 320 channels with 3 res blocks each ((3 + 1) x 3 = 12), transformers on the lowest level (input, middle,
+# output) and one on output block 11 (the last, full latent resolution). SD20 adds num_head_channels 64.
+SD2_UNET_CONFIG = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+                   "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+                   "num_res_blocks": [3, 3, 3], "transformer_depth": [0, 0, 0, 0, 0, 0, 1, 1, 1],
+                   "transformer_depth_output": [1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1], "channel_mult": [1, 1, 1],
+                   "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 1024,
+                   "use_temporal_resblock": False, "use_temporal_attention": False}
+SD2_PREFIXES = {"unet": UNET_PREFIX, "clip_h": "cond_stage_model.model.", "vae": VAE_PREFIX}
+SD2V_NORM1_BIAS_STD = 0.2  # ComfyUI's SD20.model_type: v-prediction when this bias' std > 0.09
 # Smaller still, for in-process tests (tests/test_nulltext_nodes.py) and the NULL-text benchmark's tiny
 # config: a 2-level 32-channel UNet with context 64, a 2-layer 64-wide text model, a 32-channel 8x VAE.
 TINY_UNET = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
@@ -131,17 +189,92 @@ def sd15_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
-    """Write the small random SD1.5 checkpoint (.safetensors, float16, about 0.5 GB) to ``path``; returns it.
-    The same seed gives the same tensors."""
+def _save(sd: dict, path: Path, what: str) -> Path:
     from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sd = sd15_state_dict(seed)
     tmp = path.with_name(path.name + ".part")
-    save_file(sd, str(tmp), metadata={"format": "pt", "tiny_sd": f"random SD1.5-format test checkpoint, seed {seed}"})
+    save_file(sd, str(tmp), metadata={"format": "pt", "tiny_sd": what})
     os.replace(tmp, path)
     return path
+
+
+def write_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
+    """Write the small random SD1.5 checkpoint (.safetensors, float16, about 0.5 GB) to ``path``; returns it.
+    The same seed gives the same tensors."""
+    return _save(sd15_state_dict(seed), path, f"random SD1.5-format test checkpoint, seed {seed}")
+
+
+def _unet_and_vae(cfg, gen: torch.Generator, unet_scales: dict, vae_scales: dict, extra=None) -> dict:
+    """The UNet of model config ``cfg`` and ComfyUI's default AutoencoderKL, randomised, under ComfyUI's own
+    names for saving (``model.diffusion_model.*``, ``first_stage_model.*``), float16. ``extra(unet)`` may
+    change the randomised UNet before it is stored."""
+    comfy = import_comfy()
+    cfg.set_inference_dtype(torch.float32, None)
+    unet = cfg.get_model({}).diffusion_model
+    _randomize(unet, gen, unet_scales)
+    if extra is not None:
+        extra(unet)
+    out = _half(cfg.process_unet_state_dict_for_saving(unet.state_dict()), "")
+    del unet
+    vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(VAE_DDCONFIG), embed_dim=VAE_EMBED_DIM)
+    _randomize(vae, gen, vae_scales)
+    out.update(_half(cfg.process_vae_state_dict_for_saving(vae.state_dict()), ""))
+    return out
+
+
+def _text(cfg, clip_model: torch.nn.Module, gen: torch.Generator) -> dict:
+    """A ComfyUI text-encoder module, randomised, under the checkpoint's names (``cfg``'s own
+    ``process_clip_state_dict_for_saving``: OpenCLIP layout for CLIP-G / CLIP-H), float16, without the integer
+    ``position_ids`` buffer (ComfyUI's text models have none)."""
+    _randomize(clip_model, gen)
+    sd = cfg.process_clip_state_dict_for_saving(clip_model.state_dict())
+    return _half({k: v for k, v in sd.items() if not k.endswith("position_ids")}, "")
+
+
+def sdxl_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The tiny SDXL checkpoint's tensors (float16, original SDXL key names), built with ComfyUI's classes."""
+    comfy = import_comfy()
+    import comfy.sdxl_clip
+    gen = torch.Generator().manual_seed(seed)
+    with torch.inference_mode(False):
+        cfg = comfy.supported_models.SDXL(dict(SDXL_UNET_CONFIG))
+        out = _unet_and_vae(cfg, gen, UNET_SCALES, SDXL_VAE_SCALES)
+        out.update(_text(cfg, comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float32), gen))
+    return out
+
+
+def sd2v_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The tiny SD2.x v-prediction checkpoint's tensors (float16, original SD2 key names), built with ComfyUI's
+    classes. V-prediction is marked as in real SD2.x 768-v files: no ``v_pred`` key, the std of
+    ``output_blocks.11.1.transformer_blocks.0.norm1.bias`` above ComfyUI's 0.09 threshold (SD20.model_type)."""
+    comfy = import_comfy()
+    import comfy.text_encoders.sd2_clip
+    gen = torch.Generator().manual_seed(seed)
+
+    def v_marker(unet):
+        with torch.no_grad():
+            unet.output_blocks[11][1].transformer_blocks[0].norm1.bias.copy_(
+                torch.randn(unet.model_channels, generator=gen) * SD2V_NORM1_BIAS_STD)
+
+    with torch.inference_mode(False):
+        cfg = comfy.supported_models.SD20(dict(SD2_UNET_CONFIG))
+        out = _unet_and_vae(cfg, gen, UNET_SCALES, VAE_SCALES, v_marker)
+        out.update(_text(cfg, comfy.text_encoders.sd2_clip.SD2ClipModel(device="cpu", dtype=torch.float32), gen))
+    return out
+
+
+def write_sdxl_checkpoint(path: Path, seed: int = 0) -> Path:
+    """Write the tiny SDXL checkpoint (.safetensors, float16, about 2.1 GB) to ``path``; returns it."""
+    return _save(sdxl_state_dict(seed), path, f"random SDXL-format test checkpoint, seed {seed}")
+
+
+def write_sd2v_checkpoint(path: Path, seed: int = 0) -> Path:
+    """Write the tiny SD2.x v-prediction checkpoint (.safetensors, float16, about 1 GB) to ``path``; returns it."""
+    return _save(sd2v_state_dict(seed), path, f"random SD2.x v-prediction test checkpoint, seed {seed}")
+
+
+WRITERS = {"sd15": write_sd15_checkpoint, "sdxl": write_sdxl_checkpoint, "sd2v": write_sd2v_checkpoint}
 
 
 if __name__ == "__main__":  # python tests/tiny_sd.py PATH [SEED], with an interpreter that can import ComfyUI
@@ -149,5 +282,6 @@ if __name__ == "__main__":  # python tests/tiny_sd.py PATH [SEED], with an inter
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("path", type=Path)
     ap.add_argument("seed", type=int, nargs="?", default=0)
+    ap.add_argument("--kind", choices=sorted(WRITERS), default="sd15")
     a = ap.parse_args()
-    write_sd15_checkpoint(a.path, a.seed)
+    WRITERS[a.kind](a.path, a.seed)

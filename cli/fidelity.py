@@ -54,7 +54,7 @@ def add_parser(sub):
 
 
 def _add_sd_args(f):
-    g = f.add_argument_group("SDEdit with and without NULL-text inversion (Stable Diffusion 1.x/2.x via ComfyUI)")
+    g = f.add_argument_group("SDEdit with and without NULL-text inversion (Stable Diffusion 1.x/2.x/SDXL via ComfyUI)")
     add_sd_checkpoint_args(g)
     g.add_argument("--source-prompt", dest="source_prompt", metavar="CAPTION", default=None,
                    help="a caption of the source image: NULL-text inversion starts from it")
@@ -231,8 +231,8 @@ def sdedit_sweep(args, plan: Plan, image, mask, record: dict):
     record["resolved"].update({"source_prompt": inv.prompt, "steps": inv.steps, "guidance": guidance,
                                "inversion": str(plan.inv_file.resolve()) if plan.inv_file else None,
                                "source_size": [source.shape[-1], source.shape[-2]]})
-    cond = host_sd.encode_text(sd_clip, plan.prompt)
     sd = host_sd.SDModel(model)
+    cond = sd.condition(sd_clip, plan.prompt, inv.latents[0])
     runs = ni.sdedit_runs(sd, inv, cond, plan.t0s, guidance, args.seed, lambda z: sd.decode_pixels(vae, z),
                           args.plain_sdedit)
     return runs, source, mask

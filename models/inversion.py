@@ -13,11 +13,12 @@ Methods (``invert(method=…)``; every edit uses what the method stored):
   reconstructed exactly.
 
 Pure torch, no host. ``model`` is any object with
-- ``eps(x_t, t, context)``: the core's noise prediction (models/nulltext.py),
+- ``eps(x_t, t, cond)``: the core's noise prediction (models/nulltext.py),
 - ``device``: where its latents are computed,
 - ``alphas_cumprod``: its training ᾱ (float64, CPU);
-host/sd.py's ``SDModel`` makes one of ComfyUI's MODEL. Latents are in the model's latent space; contexts
-[1, L, D] (on the CPU, as an ``Inversion`` keeps them) are moved to the model's device here.
+host/sd.py's ``SDModel`` makes one of ComfyUI's MODEL. Latents are in the model's latent space; conditionings
+(models/cond.py: a context [1, L, D], or a ``Cond`` with SDXL's vector y; on the CPU, as an ``Inversion`` keeps
+them) are moved to the model's device here.
 
 Callbacks, in the spirit of diffusers' ``callback_on_step_end``: ``callback(done, total, latent)`` after every
 step of a run, ``total`` counting every stage of it and ``latent`` the current one (for a preview); progress,
@@ -36,15 +37,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import cond as C
 from . import fidelity as fid
 from . import nulltext as nt
 from . import p2p
+from .cond import Cond, Conditioning
 
 log = logging.getLogger(__name__)
 
 FORMAT = "blended_diffusion.nulltext_inversion"
 FORMAT_VERSION = "2"  # 2: method, corrections, model family, conditioning kind; version 1 files still load
-READ_VERSIONS = ("1", "2")
+Y_VERSION = "3"  # 3: with the conditioning vectors y (SDXL); written only for inversions that have them
+READ_VERSIONS = ("1", "2", "3")
 SDEDIT_STARTS = ("inversion", "random noise")
 UNKNOWN = "unknown"  # files from before the model family was recorded
 METHODS = ("null-text", "null-text global", "negative-prompt", "direct")
@@ -58,7 +62,8 @@ class Inversion:
 
     latents: the pivot trajectory z*_0 … z*_N ([1, 4, h, w] each, float32, CPU, in the model's latent
     space); nulls: the N per-step null embeddings (sampling-step order), or one for all steps (global);
-    cond / uncond: the caption's and the empty prompt's contexts [1, L, D]; alphas_cumprod: the training
+    cond / uncond: the caption's and the empty prompt's conditionings (context [1, L, D], or a ``Cond`` with
+    y [1, A]; the nulls are of the same kind); alphas_cumprod: the training
     schedule the trajectory was made on; source: the image that was encoded (as the host gave it; ComfyUI:
     IMAGE [1, H, W, 3]); info: the inversion's measurements and timings; method: one of ``METHODS``;
     corrections: Direct Inversion's N per-step corrections of the source branch ([1, 4, h, w] each), else [];
@@ -67,8 +72,8 @@ class Inversion:
     say (then not checked)."""
     latents: list
     nulls: list
-    cond: torch.Tensor
-    uncond: torch.Tensor
+    cond: Conditioning
+    uncond: Conditioning
     alphas_cumprod: torch.Tensor
     prompt: str
     guidance: float
@@ -133,13 +138,17 @@ class Inversion:
     # ---- file format: tensors + JSON metadata in one .safetensors
     def to_file(self, path: Path) -> None:
         from safetensors.torch import save_file
-        tensors = {"latents": torch.cat(self.latents), "nulls": torch.cat(self.nulls), "cond": self.cond,
-                   "uncond": self.uncond, "alphas_cumprod": self.alphas_cumprod, "source": self.source}
+        nulls = C.cat(self.nulls)
+        tensors = {"latents": torch.cat(self.latents), "alphas_cumprod": self.alphas_cumprod, "source": self.source}
+        for name, c in (("nulls", nulls), ("cond", self.cond), ("uncond", self.uncond)):
+            tensors[name] = C.context(c)
+            if isinstance(c, Cond) and c.y is not None:
+                tensors[name + "_y"] = c.y
         if self.corrections:
             tensors["corrections"] = torch.cat(self.corrections)
         with torch.inference_mode(False):
             tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "prompt": self.prompt, "steps": str(self.steps),
+        meta = {"format": FORMAT, "version": Y_VERSION if "cond_y" in tensors else FORMAT_VERSION, "prompt": self.prompt, "steps": str(self.steps),
                 "guidance": repr(float(self.guidance)), "global": json.dumps(self.is_global),
                 "inner_steps": str(self.inner_steps), "losses": json.dumps(self.losses),
                 "info": json.dumps(self.info), "method": self.method, "family": self.family,
@@ -164,6 +173,9 @@ class Inversion:
             raise ValueError(f"{path} has inversion format version {meta.get('version')!r}; this pack reads "
                              f"versions {', '.join(READ_VERSIONS)}: invert the image again")
         missing = {"latents", "nulls", "cond", "uncond", "alphas_cumprod", "source"} - set(t)
+        ys = {k for k in ("nulls_y", "cond_y", "uncond_y") if k in t}
+        if ys and len(ys) != 3:
+            missing |= {"nulls_y", "cond_y", "uncond_y"} - ys
         if missing:
             raise ValueError(f"{path} lacks the tensors {sorted(missing)}: invert the image again")
         steps = int(meta["steps"])
@@ -183,8 +195,14 @@ class Inversion:
             raise ValueError(f"{path}: tensor shapes do not fit a {steps}-step {method} inversion "
                              f"(latents {tuple(lat.shape)}, nulls {tuple(nulls.shape)}, corrections "
                              f"{None if corr is None else tuple(corr.shape)}): the file is damaged")
+        if ys:
+            if any(t[k].ndim != 2 or t[k].shape[0] != t[k[:-2]].shape[0] for k in ys):
+                raise ValueError(f"{path}: the conditioning vectors do not fit the contexts: the file is damaged")
+            nulls, cond, uncond = (Cond(t[k], t[k + "_y"]).float() for k in ("nulls", "cond", "uncond"))
+        else:
+            cond, uncond = t["cond"].float(), t["uncond"].float()
         return cls(latents=list(lat.float().split(1)), nulls=list(nulls.float().split(1)),
-                   cond=t["cond"].float(), uncond=t["uncond"].float(),
+                   cond=cond, uncond=uncond,
                    alphas_cumprod=t["alphas_cumprod"].double(), prompt=meta.get("prompt", ""),
                    guidance=float(meta["guidance"]), source=t["source"].float(), is_global=is_global,
                    inner_steps=int(meta.get("inner_steps", 10)), losses=json.loads(meta.get("losses", "[]")),
@@ -226,7 +244,7 @@ def convergence(losses: Sequence[float], epsilon: float = 1e-5) -> dict:
             "worst_loss": max(losses) if losses else None}
 
 
-def invert(model, z0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, *, prompt: str, source: torch.Tensor,
+def invert(model, z0: torch.Tensor, cond: Conditioning, uncond: Conditioning, *, prompt: str, source: torch.Tensor,
            steps: int = 50, guidance: float = 7.5, inner_steps: int = 10, global_null: bool = False,
            method: str = "null-text", callback: nt.Callback | None = None) -> tuple[Inversion, torch.Tensor]:
     """Invert the clean latent ``z0`` [1, C, h, w] captioned by ``cond`` (``uncond``: the empty prompt's context):
@@ -360,7 +378,7 @@ def controller(inv: Inversion, source: p2p.TokenizedPrompt, target: p2p.Tokenize
     return ctrl
 
 
-def edit(model, inv: Inversion, cond_edit: torch.Tensor, ctrl: p2p.AttentionControl, guidance: float = 7.5,
+def edit(model, inv: Inversion, cond_edit: Conditioning, ctrl: p2p.AttentionControl, guidance: float = 7.5,
          callback: nt.Callback | None = None) -> torch.Tensor:
     """Prompt-to-prompt: the caption and the edit (context ``cond_edit``) sampled together from z*_N with the
     inversion's null embeddings (and, after Direct Inversion, its corrections added to the source row), ``ctrl``
@@ -368,7 +386,7 @@ def edit(model, inv: Inversion, cond_edit: torch.Tensor, ctrl: p2p.AttentionCont
     SDModel(model, ctrl)). Returns the latents [2, C, h, w]: the reconstruction, then the edit."""
     inv.check_model(model)
     with torch.inference_mode(False):
-        cond = torch.cat([inv.cond, cond_edit]).to(model.device)
+        cond = C.cat([inv.cond, cond_edit]).to(model.device)
         z = inv.latents[-1].to(model.device).expand(2, -1, -1, -1).clone()
         nulls = [n.to(model.device) for n in inv.step_nulls()]
     return nt.ddim_sample_cfg(model.eps, inv.schedule(), z, cond, nulls, guidance, controller=ctrl,
@@ -380,7 +398,7 @@ def sdedit_steps(inv: Inversion, t0: float) -> int:
     return inv.steps - nt.sdedit_start_step(inv.schedule(), t0)
 
 
-def sdedit_run(model, inv: Inversion, cond: torch.Tensor, t0: float, guidance: float = 7.5,
+def sdedit_run(model, inv: Inversion, cond: Conditioning, t0: float, guidance: float = 7.5,
                start: str = "inversion", seed: int = 0, callback: nt.Callback | None = None) -> torch.Tensor:
     """SDEdit towards ``cond`` from strength t0: from the inverted z*_k with the inversion's null embeddings (and
     Direct Inversion's corrections, which pull every step back by the source's own drift) ("inversion"), or from q_sample(z0, k) with fresh noise (``seed``) and the empty prompt's embedding
@@ -403,7 +421,7 @@ def sdedit_run(model, inv: Inversion, cond: torch.Tensor, t0: float, guidance: f
                          callback=callback)
 
 
-def sdedit_runs(model, inv: Inversion, cond: torch.Tensor, t0s: list[float], guidance: float, seed: int,
+def sdedit_runs(model, inv: Inversion, cond: Conditioning, t0s: list[float], guidance: float, seed: int,
                 decode: Callable[[torch.Tensor], torch.Tensor], plain: bool = True) -> list[fid.Run]:
     """The SDEdit points of a fidelity sweep (models/fidelity.py): every t0 after NULL-text inversion, then with
     ``plain`` every t0 of plain SDEdit; ``decode`` turns each result's latent into [1, 3, H, W] in 0..1."""

@@ -3,10 +3,12 @@ models.ddpm.ddim_invert_pixel).
 
 Protocol
 --------
-- ``eps(x_t, t, context) -> eps``: batched noise prediction. ``x_t`` [B, C, H, W] (variance-preserving
-  latent), ``t`` LongTensor [B] of training timesteps (0..T_train-1), ``context`` [B, L, D].
+- ``eps(x_t, t, cond) -> eps``: batched noise prediction. ``x_t`` [B, C, H, W] (variance-preserving
+  latent), ``t`` LongTensor [B] of training timesteps (0..T_train-1), ``cond`` the conditioning of B rows.
 - ``DDIMSchedule``: the training ``alphas_cumprod`` and N inference steps.
-- context tensors: ``cond`` [1|B, L, D] (the caption) and ``uncond`` [1|B, L, D] (the null text ψ("")).
+- conditionings (models/cond.py): ``cond`` (the caption) and ``uncond`` (the null text ψ("")), each a context
+  tensor [1|B, L, D] (SD1.x/SD2.x) or a ``Cond`` (context + SDXL's pooled/size vector y); ``eps`` gets the kind it
+  was given. NULL-text optimises the context; a Cond's y stays the empty prompt's.
 
 Step convention (diffusers' DDIMScheduler, timestep_spacing "leading", steps_offset=1,
 set_alpha_to_one=False, which is what the reference NULL-text code uses):
@@ -35,12 +37,14 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import cond as C
+from .cond import Conditioning
 from .ddpm import ddim_move as ddim_step  # the one DDIM formula, between the latent levels a_k
 from .edit import grad_mode
 
 log = logging.getLogger(__name__)
 
-EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+EpsFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor], None]
 
 __all__ = ["DDIMSchedule", "ddim_step", "ddim_invert", "null_text_optimize", "null_text_optimize_global",
@@ -91,7 +95,7 @@ class DDIMSchedule:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _ctx(c: torch.Tensor, n: int, name: str) -> torch.Tensor:
+def _ctx(c: Conditioning, n: int, name: str) -> Conditioning:
     if c.ndim != 3:
         raise ValueError(f"{name} must be [1|B, L, D] (a CONDITIONING tensor), got {tuple(c.shape)}")
     if c.shape[0] == n:
@@ -101,7 +105,7 @@ def _ctx(c: torch.Tensor, n: int, name: str) -> torch.Tensor:
     raise ValueError(f"{name} has batch {c.shape[0]} for {n} latents: give 1 or {n}")
 
 
-def _eps(eps: EpsFn, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+def _eps(eps: EpsFn, x: torch.Tensor, t: torch.Tensor, context: Conditioning) -> torch.Tensor:
     try:
         out = eps(x, t, context)
     except RuntimeError as e:
@@ -118,10 +122,10 @@ def _eps(eps: EpsFn, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) ->
 def _cfg(eps: EpsFn, z, t, cond, uncond, guidance):
     """Classifier-free guided ε: ε_u + w(ε_c − ε_u), one batched call; w = 1, or a null embedding equal to the
     condition (Negative-Prompt Inversion's reconstruction), runs cond only (ε_u = ε_c there)."""
-    if guidance == 1 or (uncond.shape == cond.shape and torch.equal(uncond, cond)):
+    if guidance == 1 or C.equal(uncond, cond):
         return _eps(eps, z, t, cond)
     n = z.shape[0]
-    out = _eps(eps, torch.cat([z, z]), torch.cat([t, t]), torch.cat([uncond, cond]))
+    out = _eps(eps, torch.cat([z, z]), torch.cat([t, t]), C.cat([uncond, cond]))
     e_u, e_c = out[:n], out[n:]
     return e_u + guidance * (e_c - e_u)
 
@@ -137,7 +141,7 @@ def _check_latents(schedule: DDIMSchedule, latents: Sequence[torch.Tensor]):
 
 # --------------------------------------------------------------------------------------------- algorithms
 @torch.no_grad()
-def ddim_invert(eps: EpsFn, schedule: DDIMSchedule, z0: torch.Tensor, cond: torch.Tensor,
+def ddim_invert(eps: EpsFn, schedule: DDIMSchedule, z0: torch.Tensor, cond: Conditioning,
                 callback: Callback | None = None) -> list[torch.Tensor]:
     """DDIM inversion with the conditional prediction only (guidance 1): the pivot trajectory
     [z*_0, …, z*_N] (z*_0 = z0, z*_N the inverted noise)."""
@@ -160,7 +164,7 @@ def early_stop_threshold(i: int, epsilon: float = 1e-5) -> float:
 
 
 def null_text_optimize(eps: EpsFn, schedule: DDIMSchedule, latents: Sequence[torch.Tensor],
-                       cond: torch.Tensor, uncond: torch.Tensor, guidance: float = 7.5,
+                       cond: Conditioning, uncond: Conditioning, guidance: float = 7.5,
                        inner_steps: int = 10, lr: float = 1e-2, epsilon: float = 1e-5,
                        callback: Callback | None = None, losses: list | None = None) -> list[torch.Tensor]:
     """NULL-text optimisation (Algorithm 1 of the paper): one null embedding per sampling step.
@@ -169,7 +173,7 @@ def null_text_optimize(eps: EpsFn, schedule: DDIMSchedule, latents: Sequence[tor
     lr·(1 − i/100) (floored at lr·0.1 beyond 90 steps), at most ``inner_steps`` updates of
     ‖z*_{k−1} − DDIM(z̄_k, ∅, C)‖² (mean squared error), stopping early once the loss is below
     ε + i·2e-5; then z̄_{k−1} = DDIM(z̄_k, ∅_i, C) and ∅ carries over to step i+1.
-    Returns [∅_0, …, ∅_{N−1}] (each [1, L, D], float32, detached). ``losses``, if given, receives
+    Returns [∅_0, …, ∅_{N−1}] (each of uncond's kind, context [1, L, D], float32, detached). ``losses``, if given, receives
     the last loss of each step. The optimisation runs in float32 whatever the model's dtype (latents,
     embeddings, loss and Adam state; ``eps`` may compute in half precision inside)."""
     _check_latents(schedule, latents)
@@ -177,7 +181,8 @@ def null_text_optimize(eps: EpsFn, schedule: DDIMSchedule, latents: Sequence[tor
     with grad_mode():
         target = [z.detach().float().clone() for z in latents]
         cond = _ctx(cond.detach().float().clone(), 1, "cond")
-        null = _ctx(uncond.detach().clone(), 1, "uncond").float()
+        base = _ctx(uncond.detach().clone(), 1, "uncond").float()  # its y (if any) is kept
+        null = C.context(base)
         if null.shape[1:] != cond.shape[1:]:
             raise ValueError(f"uncond {tuple(null.shape)} and cond {tuple(cond.shape)} differ in shape: "
                              "encode the empty prompt with the same text encoder")
@@ -193,7 +198,7 @@ def null_text_optimize(eps: EpsFn, schedule: DDIMSchedule, latents: Sequence[tor
             opt = torch.optim.Adam([null], lr=lr * max(1.0 - i / 100.0, 0.1))
             loss_value = float("nan")
             for _ in range(inner_steps):
-                e_u = _eps(eps, z, t, null.to(z.dtype))
+                e_u = _eps(eps, z, t, C.with_context(base, null).to(z.dtype))
                 pred = ddim_step(z, e_u + guidance * (e_c - e_u), a_from, a_to)
                 loss = F.mse_loss(pred.float(), target[k - 1].float())
                 (grad,) = torch.autograd.grad(loss, [null])
@@ -203,11 +208,11 @@ def null_text_optimize(eps: EpsFn, schedule: DDIMSchedule, latents: Sequence[tor
                 if loss_value < early_stop_threshold(i, epsilon):
                     break
             null = null.detach()
-            nulls.append(null.clone())
+            nulls.append(C.with_context(base, null.clone()))
             if losses is not None:
                 losses.append(loss_value)
             with torch.no_grad():
-                e_u = _eps(eps, z, t, null.to(z.dtype))
+                e_u = _eps(eps, z, t, nulls[-1].to(z.dtype))
                 z = ddim_step(z, e_u + guidance * (e_c - e_u), a_from, a_to)
             log.debug("null-text step %d/%d: loss %.3g", i + 1, n, loss_value)
             if callback is not None:
@@ -216,7 +221,7 @@ def null_text_optimize(eps: EpsFn, schedule: DDIMSchedule, latents: Sequence[tor
 
 
 def null_text_optimize_global(eps: EpsFn, schedule: DDIMSchedule, latents: Sequence[torch.Tensor],
-                              cond: torch.Tensor, uncond: torch.Tensor, guidance: float = 7.5,
+                              cond: Conditioning, uncond: Conditioning, guidance: float = 7.5,
                               epochs: int = 10, lr: float = 1e-2,
                               callback: Callback | None = None) -> torch.Tensor:
     """Global NULL-text inversion (supplement Algorithm 2): one null embedding for every step.
@@ -224,13 +229,14 @@ def null_text_optimize_global(eps: EpsFn, schedule: DDIMSchedule, latents: Seque
     ``epochs`` passes; each starts at z̄_N = z*_N and, for every sampling step, takes one Adam step
     (lr) on ‖z*_{k−1} − DDIM(z̄_k, ∅, C)‖², then sets z̄_{k−1} = DDIM(z̄_k, ∅, C) with the updated ∅.
     Same number of gradient steps as ``null_text_optimize`` with inner_steps = epochs (which may
-    stop early). Returns ∅ [1, L, D] (float32, detached); callback(done, epochs·N, z̄)."""
+    stop early). Returns ∅ (of uncond's kind, context [1, L, D], float32, detached); callback(done, epochs·N, z̄)."""
     _check_latents(schedule, latents)
     n = schedule.steps
     with grad_mode():
         target = [z.detach().float().clone() for z in latents]
         cond = _ctx(cond.detach().float().clone(), 1, "cond")
-        null = _ctx(uncond.detach().clone(), 1, "uncond").float().requires_grad_(True)
+        base = _ctx(uncond.detach().clone(), 1, "uncond").float()  # its y (if any) is kept
+        null = C.context(base).clone().requires_grad_(True)
         opt = torch.optim.Adam([null], lr=lr)
         for j in range(epochs):
             z = target[n]
@@ -240,23 +246,23 @@ def null_text_optimize_global(eps: EpsFn, schedule: DDIMSchedule, latents: Seque
                 a_from, a_to = schedule.levels[k], schedule.levels[k - 1]
                 with torch.no_grad():
                     e_c = _eps(eps, z, t, cond.to(z.dtype))
-                e_u = _eps(eps, z, t, null.to(z.dtype))
+                e_u = _eps(eps, z, t, C.with_context(base, null).to(z.dtype))
                 pred = ddim_step(z, e_u + guidance * (e_c - e_u), a_from, a_to)
                 loss = F.mse_loss(pred.float(), target[k - 1].float())
                 (grad,) = torch.autograd.grad(loss, [null])
                 null.grad = grad
                 opt.step()
                 with torch.no_grad():
-                    e_u = _eps(eps, z, t, null.detach().to(z.dtype))
+                    e_u = _eps(eps, z, t, C.with_context(base, null.detach()).to(z.dtype))
                     z = ddim_step(z, e_u + guidance * (e_c - e_u), a_from, a_to)
                 if callback is not None:
                     callback(j * n + i + 1, epochs * n, z)
-    return null.detach().clone()
+    return C.with_context(base, null.detach().clone())
 
 
 @torch.no_grad()
 def direct_inversion_offsets(eps: EpsFn, schedule: DDIMSchedule, latents: Sequence[torch.Tensor],
-                             cond: torch.Tensor, uncond: torch.Tensor, guidance: float = 7.5,
+                             cond: Conditioning, uncond: Conditioning, guidance: float = 7.5,
                              callback: Callback | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Direct Inversion ("PnP Inversion", Ju et al.): no optimisation. For sampling step i (k = N−i) from the
     pivot z*_k, one guided DDIM step with the empty prompt's ``uncond`` gives z̄_{k−1}; the correction
@@ -284,8 +290,8 @@ def direct_inversion_offsets(eps: EpsFn, schedule: DDIMSchedule, latents: Sequen
 
 
 @torch.no_grad()
-def ddim_sample_cfg(eps: EpsFn, schedule: DDIMSchedule, z: torch.Tensor, cond: torch.Tensor,
-                    uncond: torch.Tensor | Sequence[torch.Tensor], guidance: float = 7.5,
+def ddim_sample_cfg(eps: EpsFn, schedule: DDIMSchedule, z: torch.Tensor, cond: Conditioning,
+                    uncond: Conditioning | Sequence[Conditioning], guidance: float = 7.5,
                     start_step: int = 0, controller=None, callback: Callback | None = None,
                     corrections: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """Deterministic DDIM sampling with classifier-free guidance, from sampling step ``start_step``
@@ -340,8 +346,8 @@ def sdedit_start_step(schedule: DDIMSchedule, t0: float) -> int:
 
 
 @torch.no_grad()
-def sdedit(eps: EpsFn, schedule: DDIMSchedule, z0: torch.Tensor, cond: torch.Tensor,
-           uncond: torch.Tensor | Sequence[torch.Tensor], t0: float, guidance: float = 7.5,
+def sdedit(eps: EpsFn, schedule: DDIMSchedule, z0: torch.Tensor, cond: Conditioning,
+           uncond: Conditioning | Sequence[Conditioning], t0: float, guidance: float = 7.5,
            noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
            start_latent: torch.Tensor | None = None, controller=None,
            callback: Callback | None = None, corrections: Sequence[torch.Tensor] | None = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import host
-from ..host.sd import SDModel, encode_text, invert_image, tokenized
+from ..host.sd import SDModel, invert_image, tokenized
 from ..models import fidelity as fid
 from ..models import inversion as ni
 from ..render import figure
@@ -37,7 +37,7 @@ INVERSION_T = "BD_INVERSION"
 MODES = ["replace", "refine", "reweight"]
 STARTS = list(ni.SDEDIT_STARTS)
 SD_TOOLTIPS = {
-    "model": "The Stable Diffusion 1.x/2.x MODEL (e.g. from Load Checkpoint). Use the model the inversion "
+    "model": "The Stable Diffusion 1.x/2.x/SDXL MODEL (e.g. from Load Checkpoint). Use the model the inversion "
              "was made with.",
     "clip": "The checkpoint's CLIP text encoder (from Load Checkpoint).",
     "vae": "The checkpoint's VAE (from Load Checkpoint).",
@@ -268,8 +268,8 @@ class NullTextEdit:
         ctrl = ni.controller(inv, src_tp, edit_tp, mode, cross_replace_steps=cross_replace_steps,
                              self_replace_steps=self_replace_steps, reweight=weights,
                              blend_words=ni.split_words(blend_words), windows=ni.word_windows(word_replace_steps))
-        cond_edit = encode_text(clip, target)
         sd = SDModel(model, ctrl)
+        cond_edit = sd.condition(clip, target, inv.latents[0])
         bar = host.progress(inv.steps, "prompt-to-prompt")
         try:
             out = ni.edit(sd, inv, cond_edit, ctrl, guidance, callback=_progress(bar, sd))
@@ -312,8 +312,8 @@ class NullTextSDEdit:
         target = target_prompt.strip() or inversion.prompt
         if start == "inversion":
             inversion.check_guidance(guidance)
-        cond = encode_text(clip, target)
         sd = SDModel(model)
+        cond = sd.condition(clip, target, inversion.latents[0])
         bar = host.progress(ni.sdedit_steps(inversion, t0), "SDEdit")
         try:
             out = ni.sdedit_run(sd, inversion, cond, t0, guidance, start, seed, callback=_progress(bar, sd))
@@ -389,8 +389,8 @@ class FidelityCurve:
             skips = [int(s) for s in fid.parse_values(skip_timesteps, "skip_timesteps", 0, ddpm.num_steps - 1)]
         source = image_to_bchw(inv.source)
         m = None if mask is None else mask_to_bhw(mask)[:1]
-        cond = encode_text(clip, prompt)
         sd = SDModel(model)
+        cond = sd.condition(clip, prompt, inv.latents[0])
         runs = ni.sdedit_runs(sd, inv, cond, t0s, guidance, seed, lambda z: sd.decode_pixels(vae, z), plain_sdedit)
         if skips:
             from ..models import AugmentSettings, Guide

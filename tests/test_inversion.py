@@ -1,5 +1,6 @@
 """models/inversion.py without a host: invert → file → prompt-to-prompt edit and SDEdit on the tiny eps network of
 test_nulltext.py (the NULL-text nodes run the same functions on ComfyUI's models in test_nulltext_nodes.py)."""
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -9,6 +10,7 @@ import torch
 from blended_diffusion.models import inversion as ni
 from blended_diffusion.models import nulltext as nt
 from blended_diffusion.models import p2p
+from blended_diffusion.models.cond import Cond
 from test_nulltext import TinyEps, contexts, one_thread, tp  # noqa: F401  (one_thread: a fixture)
 
 STEPS = 8
@@ -257,3 +259,70 @@ def test_an_inversion_is_refused_by_a_model_of_another_family(model, prompts, tm
             ni.edit(m, again, c_edit, ni.controller(again, prompts[0], prompts[1]))
     # a model (or file) that does not say is not checked: the tiny model here, and files from before version 2
     assert ni.sdedit_run(model, again, c_src, 0.5).shape == (1, 4, 8, 8)
+
+
+# --------------------------------------------------------------------------------------------- full conditioning
+class TinyEpsY(torch.nn.Module):
+    """TinyEps plus an SDXL-like vector input: y [B, A] shifts the features (as SDXL's label embedding does)."""
+
+    def __init__(self, net, a=12):
+        super().__init__()
+        self.net = net
+        g = torch.Generator().manual_seed(3)
+        self.proj = torch.randn(a, 4, generator=g) * 0.5
+
+    def forward(self, x, t, c):
+        assert isinstance(c, Cond) and c.y is not None, "the core must hand a Cond through to eps"
+        b = x.shape[0]
+        return self.net(x, t, c.context.expand(b, -1, -1)) + 0.3 * (c.y.expand(b, -1) @ self.proj)[:, :, None, None]
+
+
+@pytest.fixture(scope="module")
+def with_y(net, prompts):
+    _, _, c_src, c_edit = prompts
+    g = torch.Generator().manual_seed(4)
+    y_src, y_null, y_edit = (torch.randn(1, 12, generator=g) for _ in range(3))
+    net_y = TinyEpsY(net)
+    model = SimpleNamespace(eps=net_y, device=torch.device("cpu"), alphas_cumprod=nt.scaled_linear_alphas_cumprod(),
+                            family="TinyXL/EPS", cond_kind="context+y")
+    return model, Cond(c_src, y_src), Cond(torch.zeros_like(c_src), y_null), Cond(c_edit, y_edit)
+
+
+@pytest.mark.parametrize("method", ni.METHODS)
+def test_every_method_takes_the_full_conditioning_and_keeps_y(with_y, prompts, method, tmp_path):
+    model, cond, uncond, cond_edit = with_y
+    z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    inv, rec = ni.invert(model, z0, cond, uncond, prompt="a cat", source=torch.rand(1, 64, 64, 3), steps=STEPS,
+                         guidance=7.5, inner_steps=3, method=method)
+    # the null embeddings keep the vector they were made with: the caption's for NPI, else the empty prompt's
+    y_null = cond.y if method == "negative-prompt" else uncond.y
+    assert all(isinstance(n, Cond) and torch.equal(n.y, y_null) for n in inv.nulls)
+    if method == "direct":
+        assert inv.info["latent_mse"] < 1e-10
+    # y changes the prediction: the same inversion sampled with another y of the nulls is another image
+    other = [Cond(n.context, n.y + 1) for n in inv.step_nulls()]
+    moved = nt.ddim_sample_cfg(model.eps, inv.schedule(), inv.latents[-1], cond, other, 7.5,
+                               corrections=inv.step_corrections())
+    assert (moved - rec).abs().max() > 1e-3
+    # the file keeps y (format 3) and the reloaded inversion edits like the original
+    inv.to_file(tmp_path / "xl.safetensors")
+    again = ni.Inversion.from_file(tmp_path / "xl.safetensors")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "xl.safetensors"), framework="pt") as f:
+        assert f.metadata()["version"] == ni.Y_VERSION and {"cond_y", "uncond_y", "nulls_y"} <= set(f.keys())
+    assert torch.equal(again.cond.y, cond.y) and torch.equal(again.uncond.y, uncond.y)
+    assert all(torch.equal(a.y, b.y) and torch.equal(a.context, b.context) for a, b in zip(again.nulls, inv.nulls))
+    out = ni.sdedit_run(model, again, cond, 1.0, 7.5, "inversion")
+    assert torch.allclose(out, rec, atol=1e-5)
+    ctrl = ni.controller(again, tp(10, 11, 12), tp(10, 13, 12), "replace")
+    both = ni.edit(model, again, cond_edit, ctrl, 7.5)
+    assert both.shape[0] == 2 and torch.allclose(both[:1], rec, atol=1e-4)
+
+
+def test_a_context_only_inversion_is_refused_by_a_model_with_y(with_y, model, prompts, inverted, tmp_path):
+    xl = with_y[0]
+    inv = dataclasses.replace(inverted[0], family="SD15/EPS", cond_kind="context")
+    with pytest.raises(ValueError, match="SD15/EPS model .context conditioning.*TinyXL/EPS"):
+        ni.sdedit_run(xl, inv, with_y[1], 0.5)
+    with pytest.raises(ValueError, match="with and without a pooled/size vector"):
+        nt.ddim_sample_cfg(xl.eps, inv.schedule(), inv.latents[-1], with_y[1], inv.uncond, 7.5)

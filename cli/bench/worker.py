@@ -218,8 +218,8 @@ class Worker:
         s = self.config.sd
         if start == "inversion":
             inv.check_guidance(s["guidance"])
-        cond = host_sd.encode_text(sd_clip, prompt.strip() or inv.prompt)
         sd = host_sd.SDModel(model)
+        cond = sd.condition(sd_clip, prompt.strip() or inv.prompt, inv.latents[0])
         z = ni.sdedit_run(sd, inv, cond, s["t0"], s["guidance"], start, self.config.seed)
         return sd.decode(vae, z)
 
@@ -250,5 +250,5 @@ class Worker:
         ctrl = ni.controller(inv, src_tp, tgt_tp, mode, cross_replace_steps=s["cross_replace_steps"],
                              self_replace_steps=s["self_replace_steps"], reweight=reweight, blend_words=blend)
         sd = host_sd.SDModel(model, ctrl)
-        z = ni.edit(sd, inv, host_sd.encode_text(sd_clip, target), ctrl, s["guidance"])
+        z = ni.edit(sd, inv, sd.condition(sd_clip, target, inv.latents[0]), ctrl, s["guidance"])
         return sd.decode(vae, z)[1:2]  # [reconstruction, edit]

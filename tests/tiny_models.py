@@ -10,7 +10,7 @@ cross-attention values (the text matters). Build them inside ``torch.inference_m
 - ``tiny_sd15()``: comfy.supported_models.SD15 / model_base.BaseModel (EPS), a 2-level 32-channel UNet with
   conv projections and context 64, the SD1 tokenizer and a 2-layer 64-wide CLIP-L (tests/test_nulltext_nodes.py's
   models).
-- ``tiny_sdxl()``: comfy.supported_models.SDXL / model_base.SDXL (EPS), a 2-level 32-channel UNet with linear
+- ``tiny_sdxl()``: comfy.supported_models.SDXL / model_base.SDXL (EPS), a 3-level 32/64-channel UNet with linear
   projections, context 128 (the 64-wide CLIP-L's and the 64-wide CLIP-G's hidden states side by side, as
   SDXL's 768 + 1280) and adm_in_channels 1600 = CLIP-G's 64-wide projected pooled output + 6·256 (SDXL's
   size / crop embedding); ComfyUI's SDXL tokenizer and SDXLClipModel (CLIP-L and CLIP-G 3 layers, 64 wide).
@@ -33,8 +33,12 @@ TEXT = dict(tiny_sd.TINY_TEXT)
 TEXT3 = dict(TEXT, num_hidden_layers=3)
 VAE_SIZE = 64
 VAE_CFG = {"ddconfig": dict(tiny_sd.TINY_VAE, resolution=VAE_SIZE), "embed_dim": 4}
-# linear transformer projections (SDXL and SD2.x), 16-channel heads (2 at 32 channels, 4 at 64)
-TINY_LINEAR_UNET = dict(tiny_sd.TINY_UNET, use_linear_in_transformer=True)
+# linear transformer projections (SDXL and SD2.x), 16-channel heads (2 at 32 channels, 4 at 64); three levels
+# (8x8, 4x4, 2x2 at 64 px) with a transformer on each, so that prompt-to-prompt's self-attention injection and
+# local blending, which act on layers of at most 1/16 of the latent's pixels, have a layer to act on
+TINY_LINEAR_UNET = dict(tiny_sd.TINY_UNET, use_linear_in_transformer=True, num_res_blocks=[1, 1, 1],
+                        channel_mult=[1, 2, 2], transformer_depth=[1, 1, 1],
+                        transformer_depth_output=[1, 1, 1, 1, 1, 1])
 HEAD_CHANNELS = 16
 SDXL_SIZE_EMBED = 6 * 256  # model_base.SDXL.encode_adm: height, width, crop_h, crop_w, target h and w, 256 each
 TINY_SDXL_UNET = dict(TINY_LINEAR_UNET, context_dim=2 * TEXT["hidden_size"], num_classes="sequential",

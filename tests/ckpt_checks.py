@@ -115,7 +115,7 @@ def run(node_type, **kw):
     return out["result"] if isinstance(out, dict) else out
 
 
-def invert_and_edit(loaded, img, method="direct", steps=4):
+def invert_and_edit(loaded, img, method="direct", steps=2):
     """NullTextInvert then NullTextEdit (replace) on the file's model: (inversion, reconstruction, report, edit)."""
     model, clip, vae = loaded[:3]
     inv, recon, report = run("NullTextInvert", model=model, clip=clip, vae=vae, image=img, prompt=PROMPT, steps=steps,

@@ -42,19 +42,19 @@ paper); the VAE encoder's output is scaled by 1/0.18215 so that latents after SD
   text_projection, so the pooled output that goes into SDXL's adm vector is a real projection);
 - VAE: ComfyUI's default AutoencoderKL (83.7M; latent format SDXL, scale 0.13025, so the encoder's output is
   scaled by 1/0.13025).
-About 2.1 GB (1051M parameters); built in about 30 s and written in about 50 s on the 2-core test machine,
-loaded by ComfyUI in about 7 s.
+About 2.1 GB (1051M parameters); built and written in about 50 s on the shared 2-core test machine,
+loaded by ComfyUI in 7-17 s (idle vs. busy machine).
 
 ``write_sd2v_checkpoint(path)``: SD2.x v-prediction (``model.diffusion_model.*``, ``cond_stage_model.model.*``
 (OpenCLIP ViT-H, 24 layers, width 1024: 354.0M, full size), ``first_stage_model.*``), loaded as
 ``comfy.supported_models.SD20`` with model_type V_PREDICTION. SD20 is matched on context 1024, model_channels
 320 and linear projections; ComfyUI decides v-prediction from the std of
 ``output_blocks.11.1.transformer_blocks.0.norm1.bias`` (> 0.09), as for the real 768-v files (which carry no
-``v_pred`` key), so the UNet must have an output block 11 with a transformer: the smallest such layout is
-12 output blocks = (res blocks + 1) x levels; here three 320-wide levels with 3 res blocks each, transformers on
+``v_pred`` key), so the UNet must have an output block 11 with a transformer, i.e. (res blocks + 1) x levels
+>= 12 output blocks; exactly 12 here: three 320-wide levels with 3 res blocks each, transformers on
 the lowest level (input, middle, output: the 1/16-of-the-pixels layers prompt-to-prompt's self-attention
 injection acts on) and on output block 11, whose norm1.bias is drawn with std 0.2: 95.5M parameters. About
-1.07 GB (533M parameters); written in about 25 s, loaded in about 3 s.
+1.07 GB (533M parameters); built and written in 23-27 s, loaded in 3-7 s.
 
 ComfyUI is imported only inside the functions (this module is imported by test files that skip without it):
 the ``comfy`` package must be importable, or ``COMFYUI_PATH`` must name a checkout (it is then put on

@@ -23,7 +23,8 @@ import comfy.supported_models_base  # noqa: E402
 import tiny_sd  # noqa: E402
 from blended_diffusion.host import sd as host_sd  # noqa: E402
 from blended_diffusion.models import inversion as ni  # noqa: E402
-from blended_diffusion.models import nulltext as nt  # noqa: E402
+from blended_diffusion.models import nulltext as nt  # noqa: E402, F401
+from blended_diffusion.models import p2p  # noqa: E402
 from blended_diffusion.models.cond import Cond  # noqa: E402
 
 # A tiny SDXL: SDXL's model class (model_base.SDXL: y = pooled CLIP-G output + 6 size embeddings of 256) with a
@@ -32,8 +33,10 @@ from blended_diffusion.models.cond import Cond  # noqa: E402
 TEXT_L = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 3,
           "projection_dim": 64}
 TEXT_G = dict(TEXT_L, hidden_size=32, intermediate_size=64, projection_dim=32)
+# Two transformer blocks per attention layer, as in SDXL's (2 and 10): prompt-to-prompt must reach every one.
 UNET_XL = {**tiny_sd.TINY_UNET, "context_dim": 64 + 32, "adm_in_channels": 32 + 6 * 256, "num_classes": "sequential",
-           "use_linear_in_transformer": True}
+           "use_linear_in_transformer": True, "transformer_depth": [2, 0], "transformer_depth_output": [2, 2, 0, 0],
+           "transformer_depth_middle": 2}
 
 
 def _gen(seed):
@@ -168,3 +171,37 @@ def test_other_model_kinds_are_refused_with_the_fix(xl):
         base = cfg.get_model({})
     with pytest.raises(ValueError, match="SD1.5, SD2.1 or SDXL base checkpoint with Load Checkpoint"):
         host_sd.check_sd(base)
+
+
+@pytest.mark.parametrize("mode, extra", [
+    ("replace", {"blend_words": ["cat", "dog"], "windows": {"dog": (0.0, 0.5)}}),
+    ("refine", {"cross_replace_steps": 0.6}),
+    ("reweight", {"reweight": {"cat": 2.0}}),
+])
+def test_prompt_to_prompt_reaches_every_sdxl_transformer_block(xl, mode, extra, monkeypatch):
+    """Every attention layer of every transformer block (SDXL's blocks hold several) goes through the
+    controller, and the source row of the edit is the inversion's reconstruction."""
+    model, clip = xl
+    src = "a photo of a cat"
+    tgt = {"replace": "a photo of a dog", "refine": "a photo of a fluffy cat", "reweight": src}[mode]
+    with torch.inference_mode():
+        sd = host_sd.SDModel(model)
+        z0 = torch.randn(1, 4, 8, 8, generator=_gen(5))
+        inv, rec = ni.invert(sd, z0, sd.condition(clip, src, z0), sd.condition(clip, "", z0), prompt=src,
+                             source=torch.rand(1, 64, 64, 3), steps=4, guidance=7.5, method="direct")
+        ctrl = ni.controller(inv, host_sd.tokenized(clip, src), host_sd.tokenized(clip, tgt), mode, **extra)
+        seen = []
+        real = p2p.controlled_attention
+
+        def counting(q, k, v, heads, controller, is_cross, *rest):
+            seen.append(is_cross)
+            return real(q, k, v, heads, controller, is_cross, *rest)
+        monkeypatch.setattr(p2p, "controlled_attention", counting)  # what every attention patch calls
+        sdp = host_sd.SDModel(model, ctrl)
+        out = ni.edit(sdp, inv, sdp.condition(clip, tgt, z0), ctrl, 7.5)
+    blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in model.model.diffusion_model.modules())
+    assert blocks == 2 + 2 + 2 + 2  # input, middle, two output blocks
+    assert seen.count(True) == seen.count(False) == blocks * inv.steps  # one call per layer and step
+    assert torch.allclose(out[:1], rec, atol=1e-4)  # direct inversion: the source row is the reconstruction
+    if mode != "reweight":
+        assert (out[1] - out[0]).abs().max() > 1e-3

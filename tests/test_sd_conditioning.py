@@ -23,7 +23,6 @@ import comfy.supported_models_base  # noqa: E402
 import tiny_sd  # noqa: E402
 from blended_diffusion.host import sd as host_sd  # noqa: E402
 from blended_diffusion.models import inversion as ni  # noqa: E402
-from blended_diffusion.models import nulltext as nt  # noqa: E402, F401
 from blended_diffusion.models import p2p  # noqa: E402
 from blended_diffusion.models.cond import Cond  # noqa: E402
 

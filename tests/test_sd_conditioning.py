@@ -1,0 +1,206 @@
+"""host/sd.py's conditioning and batching on ComfyUI's own SDXL and SD1.5 classes (tiny, random, in-process):
+the ε it computes equals ComfyUI's sampler path (CLIPTextEncode's CONDITIONING through process_conds /
+calc_cond_batch), and a batch split by the memory estimate gives what one call gives, prompt-to-prompt included.
+
+Skips unless ``COMFYUI_PATH`` names a ComfyUI checkout importable by this interpreter."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfy_env import load_comfyui  # noqa: E402
+
+load_comfyui("the SD conditioning tests")
+import comfy.model_management as mm  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.sampler_helpers  # noqa: E402
+import comfy.samplers  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.sdxl_clip  # noqa: E402
+import comfy.supported_models  # noqa: E402
+import comfy.supported_models_base  # noqa: E402
+
+import tiny_sd  # noqa: E402
+from blended_diffusion.host import sd as host_sd  # noqa: E402
+from blended_diffusion.models import inversion as ni  # noqa: E402
+from blended_diffusion.models import p2p  # noqa: E402
+from blended_diffusion.models.cond import Cond  # noqa: E402
+
+# A tiny SDXL: SDXL's model class (model_base.SDXL: y = pooled CLIP-G output + 6 size embeddings of 256) with a
+# small UNet, and comfy.sd.CLIP over SDXL's tokenizers and two small text models (ComfyUI takes their configs
+# through model_options; CLIP-L uses its penultimate layer, so 3 layers; CLIP-G's pooled output is its width).
+TEXT_L = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 3,
+          "projection_dim": 64}
+TEXT_G = dict(TEXT_L, hidden_size=32, intermediate_size=64, projection_dim=32)
+# Two transformer blocks per attention layer, as in SDXL's (2 and 10): prompt-to-prompt must reach every one.
+UNET_XL = {**tiny_sd.TINY_UNET, "context_dim": 64 + 32, "adm_in_channels": 32 + 6 * 256, "num_classes": "sequential",
+           "use_linear_in_transformer": True, "transformer_depth": [2, 0], "transformer_depth_output": [2, 2, 0, 0],
+           "transformer_depth_middle": 2}
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def tiny_sdxl():
+    with torch.inference_mode():
+        cfg = comfy.supported_models.SDXL(dict(UNET_XL))
+        cfg.unet_config["num_head_channels"] = 16
+        cfg.set_inference_dtype(torch.float32, None)
+        base = cfg.get_model({})
+        tiny_sd._randomize(base.diffusion_model, _gen(0), tiny_sd.UNET_SCALES)
+        model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                                 offload_device=mm.unet_offload_device())
+        target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+        clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": TEXT_L, "clip_g_model_config": TEXT_G})
+        tiny_sd._randomize(clip.cond_stage_model, _gen(1))
+    return model, clip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def xl():
+    return tiny_sdxl()
+
+
+def free(value):
+    """A stand-in for comfy.model_management.get_free_memory reporting ``value`` bytes free."""
+    return lambda dev=None, torch_free_too=False: (value, value) if torch_free_too else value
+
+
+def comfy_denoised(model, clip, text, x_in, sigma):
+    """ComfyUI's own path for a CLIPTextEncode conditioning: convert_cond → process_conds (which adds the size
+    conditioning from the latent) → calc_cond_batch; the denoised x̂0."""
+    tokens = clip.tokenize(text)
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    conds = {"positive": comfy.sampler_helpers.convert_cond([[cond, {"pooled_output": pooled}]])}
+    conds = comfy.samplers.process_conds(model.model, x_in, conds, x_in.device, seed=0)
+    model.model.current_patcher = model  # as ComfyUI's CFGGuider sets it for a sampling run
+    try:
+        return comfy.samplers.calc_cond_batch(model.model, [conds["positive"]], x_in, sigma, model.model_options)[0]
+    finally:
+        model.model.current_patcher = None
+
+
+def test_sdxl_eps_is_comfyuis_own_sampler_path(xl):
+    model, clip = xl
+    with torch.inference_mode():
+        sd = host_sd.SDModel(model)
+        assert sd.family == "SDXL/EPS" and sd.cond_kind == "context+y"
+        x = torch.randn(1, 4, 8, 12, generator=_gen(2))  # not square: width and height must not be swapped
+        t = torch.tensor([501])
+        c = sd.condition(clip, "a photo of a cat", x)
+        assert isinstance(c, Cond) and c.context.shape == (1, 77, 96) and c.y.shape == (1, 32 + 6 * 256)
+        got = sd.eps(x, t, c)
+        sigma = sd.sigmas[t]
+        x_in = x * (1 + sigma ** 2).sqrt()
+        want = (x_in - comfy_denoised(model, clip, "a photo of a cat", x_in, sigma)) / sigma
+        assert torch.allclose(got, want, atol=1e-5)
+        # the size conditioning matters: another latent size gives another y and another ε
+        other = sd.condition(clip, "a photo of a cat", torch.zeros(1, 4, 12, 8))
+        assert torch.equal(other.context, c.context) and not torch.equal(other.y, c.y)
+        assert (sd.eps(x, t, other) - got).abs().max() > 1e-4
+
+
+def test_a_batch_split_by_the_memory_estimate_gives_the_batched_result(xl, monkeypatch):
+    model, clip = xl
+    with torch.inference_mode():
+        sd = host_sd.SDModel(model)
+        x = torch.randn(4, 4, 8, 8, generator=_gen(3))
+        t = torch.full((4,), 301)
+        cond = ni.C.cat([sd.condition(clip, p, x) for p in ("", "a cat", "a dog", "a red car")])
+        whole = sd.eps(x, t, cond)
+        calls = []
+        real = sd._eps
+        monkeypatch.setattr(sd, "_eps", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+        need = model.model.memory_required([2, 4, 8, 8]) * 1.5
+        monkeypatch.setattr(mm, "get_free_memory", free(need * 1.01))  # room for 2 rows, not 3
+        assert sd.rows_per_call(x) == 2
+        parts = sd.eps(x, t, cond)
+        assert calls == [2, 2] and torch.allclose(parts, whole, atol=1e-5)
+
+
+def test_prompt_to_prompt_split_at_the_cfg_branches_is_the_batched_edit(xl, monkeypatch):
+    model, clip = xl
+    img = torch.rand(1, 64, 64, 3)
+    src, tgt = "a photo of a cat", "a photo of a dog"
+    with torch.inference_mode():
+        sd = host_sd.SDModel(model)
+        z0 = torch.randn(1, 4, 8, 8, generator=_gen(4))
+        inv, _ = ni.invert(sd, z0, sd.condition(clip, src, z0), sd.condition(clip, "", z0), prompt=src,
+                           source=img, steps=4, guidance=7.5, inner_steps=0, method="negative-prompt")
+
+        def edit():
+            ctrl = ni.controller(inv, host_sd.tokenized(clip, src), host_sd.tokenized(clip, tgt), "replace",
+                                 blend_words=["cat", "dog"])
+            sdp = host_sd.SDModel(model, ctrl)
+            return ni.edit(sdp, inv, sdp.condition(clip, tgt, z0), ctrl, 5.0), sdp
+        whole, _ = edit()
+        # NPI's null is the caption: CFG runs [uncond rows, cond rows] = 4 rows; room for 2 → one branch per call
+        need = model.model.memory_required([2, 4, 8, 8]) * 1.5
+        monkeypatch.setattr(mm, "get_free_memory", free(need * 1.01))
+        assert host_sd.SDModel(model).split(4, 2) == [(0, 2, None), (2, 4, None)]  # no controller: any rows
+        split, sdp = edit()
+        assert sdp.split(4, 2) == [(0, 2, [1]), (2, 4, [0])]
+        assert sdp.split(4, 3) == [(0, 2, [1]), (2, 4, [0])]  # never a part of a [source, edit] group
+        assert sdp.split(8, 4) == [(0, 4, [1]), (4, 8, [0])]
+        assert torch.allclose(split, whole, atol=1e-5)
+        assert (whole[1] - whole[0]).abs().max() > 1e-3  # the edit is not the source
+
+
+def test_sdxl_tokens_are_checked_on_both_encoders(xl):
+    model, clip = xl
+    tp = host_sd.tokenized(clip, "a photo of a cat")
+    assert tp.words == ("a", "photo", "of", "a", "cat")
+    with pytest.raises(ValueError, match="plain prompts"):
+        host_sd.tokenized(clip, "a photo of a (cat:1.3)")
+
+
+def test_other_model_kinds_are_refused_with_the_fix(xl):
+    cfg = comfy.supported_models.SDXLRefiner({**UNET_XL, "adm_in_channels": 2560, "context_dim": 1280})
+    cfg.unet_config["num_head_channels"] = 16
+    with torch.inference_mode():
+        base = cfg.get_model({})
+    with pytest.raises(ValueError, match="SD1.5, SD2.1 or SDXL base checkpoint with Load Checkpoint"):
+        host_sd.check_sd(base)
+
+
+@pytest.mark.parametrize("mode, extra", [
+    ("replace", {"blend_words": ["cat", "dog"], "windows": {"dog": (0.0, 0.5)}}),
+    ("refine", {"cross_replace_steps": 0.6}),
+    ("reweight", {"reweight": {"cat": 2.0}}),
+])
+def test_prompt_to_prompt_reaches_every_sdxl_transformer_block(xl, mode, extra, monkeypatch):
+    """Every attention layer of every transformer block (SDXL's blocks hold several) goes through the
+    controller, and the source row of the edit is the inversion's reconstruction."""
+    model, clip = xl
+    src = "a photo of a cat"
+    tgt = {"replace": "a photo of a dog", "refine": "a photo of a fluffy cat", "reweight": src}[mode]
+    with torch.inference_mode():
+        sd = host_sd.SDModel(model)
+        z0 = torch.randn(1, 4, 8, 8, generator=_gen(5))
+        inv, rec = ni.invert(sd, z0, sd.condition(clip, src, z0), sd.condition(clip, "", z0), prompt=src,
+                             source=torch.rand(1, 64, 64, 3), steps=4, guidance=7.5, method="direct")
+        ctrl = ni.controller(inv, host_sd.tokenized(clip, src), host_sd.tokenized(clip, tgt), mode, **extra)
+        seen = []
+        real = p2p.controlled_attention
+
+        def counting(q, k, v, heads, controller, is_cross, *rest):
+            seen.append(is_cross)
+            return real(q, k, v, heads, controller, is_cross, *rest)
+        monkeypatch.setattr(p2p, "controlled_attention", counting)  # what every attention patch calls
+        sdp = host_sd.SDModel(model, ctrl)
+        out = ni.edit(sdp, inv, sdp.condition(clip, tgt, z0), ctrl, 7.5)
+    blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in model.model.diffusion_model.modules())
+    assert blocks == 2 + 2 + 2 + 2  # input, middle, two output blocks
+    assert seen.count(True) == seen.count(False) == blocks * inv.steps  # one call per layer and step
+    assert torch.allclose(out[:1], rec, atol=1e-4)  # direct inversion: the source row is the reconstruction
+    if mode != "reweight":
+        assert (out[1] - out[0]).abs().max() > 1e-3

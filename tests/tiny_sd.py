@@ -42,7 +42,7 @@ paper); the VAE encoder's output is scaled by 1/0.18215 so that latents after SD
   text_projection, so the pooled output that goes into SDXL's adm vector is a real projection);
 - VAE: ComfyUI's default AutoencoderKL (83.7M; latent format SDXL, scale 0.13025, so the encoder's output is
   scaled by 1/0.13025).
-About 2.1 GB (1051M parameters); built and written in about 50 s on the shared 2-core test machine,
+About 2.1 GB (1051M parameters); built and written in 11-50 s on the shared 2-core test machine (quiet vs. busy),
 loaded by ComfyUI in 7-17 s (idle vs. busy machine).
 
 ``write_sd2v_checkpoint(path)``: SD2.x v-prediction (``model.diffusion_model.*``, ``cond_stage_model.model.*``

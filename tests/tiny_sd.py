@@ -54,7 +54,7 @@ loaded by ComfyUI in 7-17 s (idle vs. busy machine).
 >= 12 output blocks; exactly 12 here: three 320-wide levels with 3 res blocks each, transformers on
 the lowest level (input, middle, output: the 1/16-of-the-pixels layers prompt-to-prompt's self-attention
 injection acts on) and on output block 11, whose norm1.bias is drawn with std 0.2: 95.5M parameters. About
-1.07 GB (533M parameters); built and written in 23-27 s, loaded in 3-7 s.
+1.07 GB (533M parameters); built and written in 7-27 s (quiet vs. busy machine), loaded in 3-7 s.
 
 ComfyUI is imported only inside the functions (this module is imported by test files that skip without it):
 the ``comfy`` package must be importable, or ``COMFYUI_PATH`` must name a checkout (it is then put on

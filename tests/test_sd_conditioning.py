@@ -12,49 +12,18 @@ from comfy_env import load_comfyui  # noqa: E402
 
 load_comfyui("the SD conditioning tests")
 import comfy.model_management as mm  # noqa: E402
-import comfy.model_patcher  # noqa: E402
 import comfy.sampler_helpers  # noqa: E402
 import comfy.samplers  # noqa: E402
-import comfy.sd  # noqa: E402
-import comfy.sdxl_clip  # noqa: E402
 import comfy.supported_models  # noqa: E402
-import comfy.supported_models_base  # noqa: E402
 
-import tiny_sd  # noqa: E402
+import tiny_models  # noqa: E402
 from blended_diffusion.host import sd as host_sd  # noqa: E402
 from blended_diffusion.models import inversion as ni  # noqa: E402
 from blended_diffusion.models import p2p  # noqa: E402
 from blended_diffusion.models.cond import Cond  # noqa: E402
 
-# A tiny SDXL: SDXL's model class (model_base.SDXL: y = pooled CLIP-G output + 6 size embeddings of 256) with a
-# small UNet, and comfy.sd.CLIP over SDXL's tokenizers and two small text models (ComfyUI takes their configs
-# through model_options; CLIP-L uses its penultimate layer, so 3 layers; CLIP-G's pooled output is its width).
-TEXT_L = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 3,
-          "projection_dim": 64}
-TEXT_G = dict(TEXT_L, hidden_size=32, intermediate_size=64, projection_dim=32)
-# Two transformer blocks per attention layer, as in SDXL's (2 and 10): prompt-to-prompt must reach every one.
-UNET_XL = {**tiny_sd.TINY_UNET, "context_dim": 64 + 32, "adm_in_channels": 32 + 6 * 256, "num_classes": "sequential",
-           "use_linear_in_transformer": True, "transformer_depth": [2, 0], "transformer_depth_output": [2, 2, 0, 0],
-           "transformer_depth_middle": 2}
-
-
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
-
-
-def tiny_sdxl():
-    with torch.inference_mode():
-        cfg = comfy.supported_models.SDXL(dict(UNET_XL))
-        cfg.unet_config["num_head_channels"] = 16
-        cfg.set_inference_dtype(torch.float32, None)
-        base = cfg.get_model({})
-        tiny_sd._randomize(base.diffusion_model, _gen(0), tiny_sd.UNET_SCALES)
-        model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
-                                                 offload_device=mm.unet_offload_device())
-        target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
-        clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": TEXT_L, "clip_g_model_config": TEXT_G})
-        tiny_sd._randomize(clip.cond_stage_model, _gen(1))
-    return model, clip
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,7 +36,10 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def xl():
-    return tiny_sdxl()
+    """tests/tiny_models.py's tiny SDXL with two transformer blocks per attention layer, as in SDXL's own (2 and
+    10): prompt-to-prompt must reach every one."""
+    with torch.inference_mode():
+        return tiny_models.tiny_sdxl(depth=2)[:2]
 
 
 def free(value):
@@ -97,7 +69,8 @@ def test_sdxl_eps_is_comfyuis_own_sampler_path(xl):
         x = torch.randn(1, 4, 8, 12, generator=_gen(2))  # not square: width and height must not be swapped
         t = torch.tensor([501])
         c = sd.condition(clip, "a photo of a cat", x)
-        assert isinstance(c, Cond) and c.context.shape == (1, 77, 96) and c.y.shape == (1, 32 + 6 * 256)
+        assert isinstance(c, Cond) and c.context.shape == (1, 77, tiny_models.TINY_SDXL_UNET["context_dim"])
+        assert c.y.shape == (1, tiny_models.TINY_SDXL_UNET["adm_in_channels"])
         got = sd.eps(x, t, c)
         sigma = sd.sigmas[t]
         x_in = x * (1 + sigma ** 2).sqrt()
@@ -164,7 +137,8 @@ def test_sdxl_tokens_are_checked_on_both_encoders(xl):
 
 
 def test_other_model_kinds_are_refused_with_the_fix(xl):
-    cfg = comfy.supported_models.SDXLRefiner({**UNET_XL, "adm_in_channels": 2560, "context_dim": 1280})
+    cfg = comfy.supported_models.SDXLRefiner({**tiny_models.TINY_SDXL_UNET, "adm_in_channels": 2560,
+                                               "context_dim": 1280})
     cfg.unet_config["num_head_channels"] = 16
     with torch.inference_mode():
         base = cfg.get_model({})
@@ -199,7 +173,7 @@ def test_prompt_to_prompt_reaches_every_sdxl_transformer_block(xl, mode, extra, 
         sdp = host_sd.SDModel(model, ctrl)
         out = ni.edit(sdp, inv, sdp.condition(clip, tgt, z0), ctrl, 7.5)
     blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in model.model.diffusion_model.modules())
-    assert blocks == 2 + 2 + 2 + 2  # input, middle, two output blocks
+    assert blocks == 2 * (3 + 1 + 6)  # two per layer: 3 input levels, the middle, 6 output blocks
     assert seen.count(True) == seen.count(False) == blocks * inv.steps  # one call per layer and step
     assert torch.allclose(out[:1], rec, atol=1e-4)  # direct inversion: the source row is the reconstruction
     if mode != "reweight":

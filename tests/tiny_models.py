@@ -86,12 +86,15 @@ def tiny_sd15():
     return model, _clip(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel, clip_l=TEXT), tiny_vae()
 
 
-def tiny_sdxl():
-    """(MODEL, CLIP, VAE): a tiny SDXL (model_base.SDXL, EPS) with both text encoders and the adm vector."""
+def tiny_sdxl(depth: int = 1):
+    """(MODEL, CLIP, VAE): a tiny SDXL (model_base.SDXL, EPS) with both text encoders and the adm vector;
+    ``depth`` transformer blocks per attention layer (SDXL's own have 2 and 10)."""
     import comfy.model_base
     import comfy.sdxl_clip
     import comfy.supported_models
-    cfg = comfy.supported_models.SDXL(dict(TINY_SDXL_UNET))
+    unet = dict(TINY_SDXL_UNET, transformer_depth=[depth] * 3, transformer_depth_output=[depth] * 6,
+                transformer_depth_middle=depth)
+    cfg = comfy.supported_models.SDXL(unet)
     cfg.unet_config["num_head_channels"] = HEAD_CHANNELS
     cfg.set_inference_dtype(torch.float32, None)
     base = cfg.get_model({})

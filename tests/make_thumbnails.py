@@ -55,7 +55,7 @@ def title_of(name: str) -> str:
         words = words[1:]
     elif words[0] == "nulltext" and len(words) > 1 and words[1].isdigit():
         words = ["NULL-text:"] + words[2:]
-    text = " ".join(words)
+    text = " ".join("SDXL" if w == "sdxl" else w for w in words)
     return text[:1].upper() + text[1:]
 
 

@@ -56,7 +56,7 @@ CORE_NODES = {
         }},
         "output": ("IMAGE", "MASK"), "output_name": ("IMAGE", "MASK"), "display": "Pad Image for Outpainting",
     },
-    "CheckpointLoaderSimple": {  # not used here; the NULL-text workflows load Stable Diffusion with it
+    "CheckpointLoaderSimple": {  # the SDXL workflows (SD_WORKFLOWS) load Stable Diffusion with it
         "input": {"required": {"ckpt_name": ([],)}},
         "output": ("MODEL", "CLIP", "VAE"), "output_name": ("MODEL", "CLIP", "VAE"), "display": "Load Checkpoint",
     },
@@ -628,10 +628,126 @@ WORKFLOWS = [wf_text_edit, wf_ddim, wf_removal, wf_background, wf_scribble, wf_e
              wf_session, wf_outpaint]
 
 
+# --------------------------------------------------------------------------- Stable Diffusion (SDXL) workflows
+# NULL-text inversion and its edits on an SDXL checkpoint loaded by core CheckpointLoaderSimple. nulltext_01…05
+# (SD1.5) are static files; these are generated. The standalone runner has no stand-in for CheckpointLoaderSimple,
+# so tests/test_workflows.py checks them statically and tests/test_comfyui_server.py runs them in ComfyUI.
+SDXL_FILE = "sd_xl_base_1.0.safetensors"
+SDXL_SIZE = (1152, 896)  # width, height: one of SDXL's training sizes (about 1024² pixels), near the example's 4:3
+SD_CAPTION = "a red ball next to a small house on a green meadow"
+SD_INPUT_NOTE = (
+    "Weights: models/checkpoints/" + SDXL_FILE + " (Stable Diffusion XL base 1.0, from "
+    "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0; any SDXL base checkpoint works, and so do "
+    "SD1.x and SD2.x (eps and v-prediction) ones at their own sizes; the SDXL refiner, SD3 and Flux are refused). "
+    "SDXL is made for about 1024x1024 pixels (1024², or the same area at another aspect ratio); much smaller "
+    "images come out worse. Upscale Image brings the example (" + EXAMPLES_NAME + "/bd_scene.png, 512x384, copied into "
+    "ComfyUI/input when ComfyUI starts) to %dx%d, one of SDXL's training sizes, cropping a few pixels at the sides; "
+    "for your own image pick 1024x1024 or another size of about a megapixel (multiples of 64)." % SDXL_SIZE)
+METHODS_NOTE = (
+    "Methods (NullTextInvert's `method`), in one line: direct = exact reconstruction without optimisation, for edits "
+    "whose unedited parts must stay; negative-prompt = the fastest, some drift; null-text = the paper's, optimised "
+    "per step, several times the UNet calls (README's SD1.5 figures for a 50-step inversion at 256² on a CPU, "
+    "computed: null-text about 49 min, direct about 5, negative-prompt about 4); see README, \"Inversion methods: "
+    "when to pick which\". No SDXL timing is measured there yet.")
+
+
+def sd_note(wf, text):
+    n = wf.add("Note", 0, None, title="About this workflow")
+    n.text = text.strip() + "\n\n" + METHODS_NOTE + "\n" + SD_INPUT_NOTE
+    return n
+
+
+def sdxl_inputs(wf, group):
+    """LoadImage → Upscale Image (SDXL size) and the SDXL checkpoint: (image node, checkpoint node)."""
+    img = wf.add("LoadImage", 0, group, image="bd_scene.png")
+    scaled = wf.add("ImageScale", 0, group, title="Upscale to an SDXL size", image=img.out(0),
+                    upscale_method="lanczos", width=SDXL_SIZE[0], height=SDXL_SIZE[1], crop="center")
+    ckpt = wf.add("CheckpointLoaderSimple", 0, group, ckpt_name=SDXL_FILE)
+    return scaled, ckpt
+
+
+def sd_models(ckpt):
+    return dict(model=ckpt.out(0), clip=ckpt.out(1), vae=ckpt.out(2))
+
+
+def wf_sdxl_p2p() -> Workflow:
+    wf = Workflow("nulltext_06_sdxl_prompt_to_prompt", "")
+    sd_note(wf, """
+Prompt-to-prompt editing of a real image with SDXL, after Direct Inversion (Ju et al., "PnP Inversion"): DDIM
+inversion of the image with its caption, then at every step the correction that puts the source branch back onto
+the inversion trajectory. Nothing is optimised and the reconstruction is exact, so each edit's first image (the
+source row) is the image itself. Save Inversion writes output/nulltext/bd_scene_sdxl.safetensors (an SDXL
+inversion, format 3: edit it later with Load Inversion and the same checkpoint; another model is refused).
+Each edit node samples the caption and the target prompt together and injects the caption's attention maps into
+the edit; its output is [reconstruction, edit]:
+- replace (word swap): "ball" -> "apple", with local blending on "ball apple" (outside those words' attention the
+  result keeps the source);
+- refine (added words): "wooden" is added before "house";
+- reweight: the caption itself with "meadow" weighted x2.
+On SDXL both text encoders (CLIP-L and CLIP-G) are patched: the prompts' words must sit at the same token
+positions in both, which the node checks. Keep the guidance of the edits that of the inversion (7.5).
+Costs, in UNet calls (N = 50 steps): the inversion N (batch 1) + N guided steps (batch 2), which also give the
+reconstruction; each edit one N-step sampling of [source, edit] with guidance (batch 4). ComfyUI caches node outputs: a new edit prompt re-runs only that edit.
+""")
+    g1, g2, g3 = wf.group("Image and SDXL checkpoint", BLUE), wf.group("Direct Inversion", GREEN), \
+        wf.group("Prompt-to-prompt edits", PURPLE)
+    img, ckpt = sdxl_inputs(wf, g1)
+    inv = wf.add("NullTextInvert", 1, g2, **sd_models(ckpt), image=img.out(), prompt=SD_CAPTION, steps=50,
+                 guidance=7.5, inner_steps=10, global_null=False, method="direct")
+    wf.add("SaveInversion", 1, g2, inversion=inv.out(0), filename="nulltext/bd_scene_sdxl")
+    wf.add("SaveImage", 1, g2, title="Save the reconstruction", images=inv.out(1),
+           filename_prefix="nulltext/sdxl_reconstruction")
+    edits = [("Edit: ball -> apple (local blend)", "replace", SD_CAPTION.replace("ball", "apple"), {},
+              "ball apple", "replace"),
+             ("Edit: + wooden house (refine)", "refine", SD_CAPTION.replace("small house", "small wooden house"),
+              {}, "", "refine"),
+             ("Edit: meadow x2 (reweight)", "reweight", "", dict(reweight_words="meadow", reweight_factor=2.0),
+              "", "reweight")]
+    for i, (title, mode, target, extra, blend, prefix) in enumerate(edits):
+        e = wf.add("NullTextEdit", 2 + i, g3, title=title, **sd_models(ckpt), inversion=inv.out(0),
+                   target_prompt=target, mode=mode, cross_replace_steps=0.8, self_replace_steps=0.4, guidance=7.5,
+                   blend_words=blend, word_replace_steps="", **extra)
+        wf.add("SaveImage", 2 + i, g3, images=e.out(), filename_prefix=f"nulltext/sdxl_p2p_{prefix}")
+    return wf
+
+
+def wf_sdxl_sdedit() -> Workflow:
+    wf = Workflow("nulltext_07_sdxl_sdedit", "")
+    sd_note(wf, """
+SDEdit of a real image with SDXL after Negative-Prompt Inversion (Miyake et al.): DDIM inversion with the
+caption, and the caption's own embedding as the null embedding, so nothing is optimised (the cheapest method; its
+reconstruction, previewed here, drifts a little from the image). SDEdit then re-runs the last t0 of the 50 DDIM
+steps from the inverted latent towards the target prompt, at two strengths:
+- t0 = 0.5: the last half of the steps, a milder edit that keeps more of the source;
+- t0 = 0.8: a stronger edit that keeps less of it.
+With this method the guidance acts through the target prompt's difference from the caption. For a source kept
+exactly where the prompt does not change it, switch the method to direct; start = random noise on the SDEdit
+nodes gives plain SDEdit (a noised source) for comparison.
+Costs, in UNet calls (N = 50 steps): the inversion N + N (its reconstruction); each SDEdit t0·N guided steps
+(batch 2). NPI's authors report about 5 s per 50-step inversion at 512 px on a GPU and more than 30 times
+faster than NULL-text at comparable fidelity (not measured here).
+""")
+    g1, g2, g3 = wf.group("Image and SDXL checkpoint", BLUE), wf.group("Negative-Prompt Inversion", GREEN), \
+        wf.group("SDEdit at two strengths", PURPLE)
+    img, ckpt = sdxl_inputs(wf, g1)
+    inv = wf.add("NullTextInvert", 1, g2, **sd_models(ckpt), image=img.out(), prompt=SD_CAPTION, steps=50,
+                 guidance=7.5, inner_steps=10, global_null=False, method="negative-prompt")
+    wf.add("PreviewImage", 1, g2, title="Preview: the reconstruction", images=inv.out(1))
+    target = "a watercolor painting of " + SD_CAPTION
+    for i, t0 in enumerate((0.5, 0.8)):
+        e = wf.add("NullTextSDEdit", 2 + i, g3, title=f"SDEdit t0 = {t0}", **sd_models(ckpt), inversion=inv.out(0),
+                   target_prompt=target, t0=t0, start="inversion", seed=0, guidance=7.5)
+        wf.add("SaveImage", 2 + i, g3, images=e.out(), filename_prefix=f"nulltext/sdxl_sdedit_{int(t0 * 10):02d}")
+    return wf
+
+
+SD_WORKFLOWS = [wf_sdxl_p2p, wf_sdxl_sdedit]
+
+
 def build() -> dict[str, tuple[dict, dict]]:
-    """{name: (ui_json, api_json)} for every workflow."""
+    """{name: (ui_json, api_json)} for every generated workflow (Blended Diffusion and SDXL)."""
     out = {}
-    for make in WORKFLOWS:
+    for make in WORKFLOWS + SD_WORKFLOWS:
         wf = make()
         out[wf.name] = (to_ui(wf), to_api(wf))
     return out

@@ -4,8 +4,10 @@ end to end through ``/prompt`` + ``/history``, progress with previews over the w
 Skips unless ``COMFYUI_PATH`` names a ComfyUI checkout (a folder with ``main.py``). ``COMFYUI_PYTHON``
 names the interpreter that runs it (default: this one); it needs ComfyUI's requirements and this pack's.
 The pack and the tiny checkpoints are given to ComfyUI only through ``--extra-model-paths-config``; the
-NULL-text workflows load a small random Stable Diffusion 1.5 checkpoint (tests/tiny_sd.py, written by
-``COMFYUI_PYTHON`` since it is built with ComfyUI's classes) through core ``CheckpointLoaderSimple``.
+NULL-text workflows load a small random Stable Diffusion 1.5 checkpoint, and the SDXL ones (``nulltext_06``…) a
+small random SDXL checkpoint (both tests/tiny_sd.py, written by ``COMFYUI_PYTHON`` since they are built with
+ComfyUI's classes; the SDXL one, about 2.1 GB, only when a selected test runs an SDXL workflow, once per session)
+through core ``CheckpointLoaderSimple``.
 """
 from __future__ import annotations
 
@@ -42,7 +44,9 @@ WORKFLOWS = sorted(API_DIR.glob("*.json")) if API_DIR.is_dir() else []
 NODE_IDS = ["LoadDDPM", "LoadCLIP", "NoiseImage", "CLIPGuidedStep", "MaskBlend", "ExtendingAugment",
             "RankByCLIP", "Extrapolate", "BlendedDiffusionSampler", "BlendedDiffusionEvaluate"]
 DDPM_FILE, CLIP_FILE = "256x256_diffusion_uncond.pt", "ViT-B-16.pt"
-SD_FILE = "tiny_sd15_random.safetensors"  # every CheckpointLoaderSimple of a workflow is pointed at it
+SD_FILE = "tiny_sd15_random.safetensors"  # every CheckpointLoaderSimple of a workflow is pointed at it,
+SDXL_FILE = "tiny_sdxl_random.safetensors"  # or at this one where the workflow loads an SDXL checkpoint
+SDXL_WRITE_TIMEOUT = 300  # tests/tiny_sd.py --kind sdxl: 11-50 s measured on the shared 2-core machine
 START_TIMEOUT = 150
 PROMPT_TIMEOUT = 150
 HOST = "127.0.0.1"
@@ -51,7 +55,8 @@ FAST = dict(respacing=2, skip=1, strength=0.5)
 # workflows on the SD checkpoint: 4 DDIM steps, 2 Adam steps per step, two SDEdit strengths, one Blended
 # Diffusion step; and 96x64 copies of their images (SD1's full-size VAE costs seconds per call at 512x384 on a
 # CPU). 96x64 = 12x8 latents, whose lowest UNet level (3x2) is small enough for prompt-to-prompt's
-# self-attention injection (layers of at most 1/16 of the latent's pixels).
+# self-attention injection (layers of at most 1/16 of the latent's pixels). The SDXL workflows' Upscale Image
+# (to an SDXL size) is set to the same small size; the tiny SDXL's lowest level is 3x2 there too.
 SD_FAST = dict(steps=4, inner_steps=2, t0_values="0.5, 1.0", skip_timesteps="1")
 SD_SIZE = (96, 64)  # width, height
 PLOT_SIZE = (720, 520)  # FidelityCurve's plot
@@ -276,18 +281,25 @@ def _uses_sd(prompt):
     return any(n["class_type"] == "CheckpointLoaderSimple" for n in prompt.values())
 
 
+def _is_sdxl_name(name):
+    """A checkpoint file name of the SDXL family (what the workflows name: sd_xl_base_1.0.safetensors, …)."""
+    return isinstance(name, str) and ("sd_xl" in name.lower() or "sdxl" in name.lower())
+
+
 def _use_tiny_sd(prompt):
-    """Point a workflow that loads a Stable Diffusion checkpoint at the tiny one, at the small copies of its
-    images, and at SD_FAST's step counts."""
+    """Point a workflow that loads a Stable Diffusion checkpoint at the tiny one of its family (SDXL or SD1.5),
+    at the small copies of its images (and Upscale Image at their size), and at SD_FAST's step counts."""
     if not _uses_sd(prompt):
         return prompt
     for node in prompt.values():
         inputs, ct = node["inputs"], node["class_type"]
         if ct == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = SD_FILE
+            inputs["ckpt_name"] = SDXL_FILE if _is_sdxl_name(inputs["ckpt_name"]) else SD_FILE
         elif ct in ("LoadImage", "LoadImageMask") and isinstance(inputs.get("image"), str):
             inputs["image"] = _small_name(_image_name(inputs["image"]))
-        elif ct == "NullTextInvert":
+        elif ct == "ImageScale":
+            inputs.update(width=SD_SIZE[0], height=SD_SIZE[1])
+        elif ct in ("NullTextInvert", "CompareInversionMethods"):
             inputs.update(steps=SD_FAST["steps"], inner_steps=SD_FAST["inner_steps"])
         elif ct == "FidelityCurve":
             inputs.update(t0_values=SD_FAST["t0_values"], skip_timesteps=SD_FAST["skip_timesteps"])
@@ -324,6 +336,22 @@ def _write_sd_checkpoint(path):
                        text=True, timeout=START_TIMEOUT)
     if r.returncode != 0 or not path.is_file():
         pytest.fail(f"tests/tiny_sd.py could not write {path} with {PYTHON}:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
+
+
+def _ensure_sdxl_checkpoint(server):
+    """Write tests/tiny_sd.py's random SDXL checkpoint into the server's checkpoints folder, once per session
+    (ComfyUI re-lists a model folder whose modification time changed, so it is offered from then on)."""
+    path = server.checkpoints_dir / SDXL_FILE
+    if path.is_file():
+        return path
+    env = dict(os.environ, COMFYUI_PATH=str(COMFY), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    # tiny_sd.py writes NAME.part and renames it, so ComfyUI never lists a half-written file
+    r = subprocess.run([PYTHON, str(ROOT / "tests" / "tiny_sd.py"), "--kind", "sdxl", str(path)], env=env,
+                       capture_output=True, text=True, timeout=SDXL_WRITE_TIMEOUT)
+    if r.returncode != 0 or not path.is_file():
+        pytest.fail(f"tests/tiny_sd.py --kind sdxl could not write {path} with {PYTHON}:\n"
+                    f"{r.stdout[-3000:]}{r.stderr[-3000:]}")
+    return path
 
 
 def _write_small_images(input_dir):
@@ -382,6 +410,7 @@ def server(tmp_path_factory):
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, cwd=str(COMFY), stdout=log, stderr=subprocess.STDOUT, env=env)
     srv = Server(proc, port, log_path, base, input_dir, output_dir, temp_dir)
+    srv.checkpoints_dir = extra / "models" / "checkpoints"
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
@@ -535,6 +564,10 @@ def test_web_extension_served(server):
 def _run_workflow(server, ws, workflow):
     """Run an API workflow on the tiny models with FAST / SD_FAST settings: (prompt, history entry), succeeded."""
     prompt = _use_tiny_sd(_set_steps(_load_workflow(workflow), server.object_info, **FAST))
+    if any(n["class_type"] == "CheckpointLoaderSimple" and n["inputs"]["ckpt_name"] == SDXL_FILE
+           for n in prompt.values()):
+        _ensure_sdxl_checkpoint(server)
+        server._object_info = None  # list the new file in CheckpointLoaderSimple's combo
     missing = _unprovided_models(prompt, server.object_info)
     assert not missing, f"{workflow.name} needs model files that have no tiny stand-in here: {missing}"
     for node in prompt.values():  # an inversion it loads is saved first by the workflow that saves it
@@ -572,6 +605,7 @@ def _pixels(path):
 
 
 # images per (node, output) of the SD workflows, each SD_SIZE (FidelityCurve's are counted from its CSV)
+DIRECT_MSE = 1e-6  # latent MSE bound of Direct Inversion's reconstruction on the tiny checkpoints
 SD_IMAGES = {("NullTextInvert", 1): 1, ("NullTextEdit", 0): 2, ("NullTextSDEdit", 0): 1, ("LoadInversion", 1): 1}
 CSV_HEADER = "method,parameter,value,lpips,clip_distance"
 
@@ -602,8 +636,13 @@ def _check_sd_outputs(server, workflow, prompt, outputs):
                 f"{workflow.name}: {ct} {nid} of {src['class_type']} output {slot}: {len(files)} images {sizes}"
         elif ct == "NullTextInvert":
             report = json.loads(outputs[nid]["text"][0])
-            assert report["steps"] == steps and len(report["final_losses"]) == steps, report
+            optimised = steps if report["method"] == "null-text" else 0  # per-step losses: null-text only
+            assert report["steps"] == steps and len(report["final_losses"]) == optimised, report
+            assert report["method"] == inputs["method"], report
+            assert report["family"] == _family(prompt, inputs), report
             assert report["latent_mse"] >= 0 and report["pixel_mae"] is not None, report
+            if report["method"] == "direct":  # Direct Inversion reconstructs exactly (up to float rounding)
+                assert report["latent_mse"] < DIRECT_MSE, report
         elif ct == "SaveInversion":
             from safetensors import safe_open
             path = Path(outputs[nid]["text"][0])
@@ -611,6 +650,9 @@ def _check_sd_outputs(server, workflow, prompt, outputs):
             with safe_open(str(path), framework="pt") as f:
                 meta, latents = f.metadata(), f.get_tensor("latents")
             assert meta["format"] == "blended_diffusion.nulltext_inversion", meta
+            invert = prompt[inputs["inversion"][0]]["inputs"]
+            assert meta["family"] == _family(prompt, invert) and meta["method"] == invert["method"], meta
+            assert meta["cond_kind"] == ("context+y" if meta["family"].startswith("SDXL") else "context"), meta
             assert meta["prompt"] == prompt[inputs["inversion"][0]]["inputs"]["prompt"] and int(meta["steps"]) == steps
             assert tuple(latents.shape) == (steps + 1, 4, SD_SIZE[1] // 8, SD_SIZE[0] // 8)
         elif ct == "FidelityCurve":
@@ -627,6 +669,52 @@ def _check_sd_outputs(server, workflow, prompt, outputs):
                 assert im.size == PLOT_SIZE, im.size
         elif ct == "LoadInversion":
             _check_uses_saved_inversion(server, workflow, prompt, outputs, nid)
+    _check_edit_rows(server, workflow, prompt, outputs)
+    _check_sdedit_strengths(server, workflow, prompt, outputs)
+
+
+def _family(prompt, invert_inputs):
+    """The model family an inversion made from these NullTextInvert inputs must record."""
+    loader = prompt[invert_inputs["model"][0]]["inputs"]["ckpt_name"]
+    return "SDXL/EPS" if loader == SDXL_FILE else "SD15/EPS"
+
+
+def _saved_from(prompt, outputs, server, node_id, slot):
+    """The files of the SaveImage that saves output `slot` of node `node_id`, or []."""
+    return next((_image_files(server, outputs, k) for k, n in prompt.items() if n["class_type"] == "SaveImage"
+                 and n["inputs"]["images"] == [node_id, slot]), [])
+
+
+def _check_edit_rows(server, workflow, prompt, outputs):
+    """A prompt-to-prompt edit's first row (the caption sampled with the inversion's nulls and corrections) is the
+    inversion's reconstruction, which the workflow saves; its second row is an edit."""
+    for nid, node in prompt.items():
+        if node["class_type"] != "NullTextEdit" or prompt[node["inputs"]["inversion"][0]]["class_type"] \
+                != "NullTextInvert":
+            continue
+        recon = _saved_from(prompt, outputs, server, node["inputs"]["inversion"][0], 1)
+        rows = _saved_from(prompt, outputs, server, nid, 0)
+        if not recon or not rows:
+            continue
+        source_row, edit_row = rows
+        diff = abs(_pixels(source_row) - _pixels(recon[0])).max()
+        assert diff <= 2, f"{workflow.name}: the source row of edit {nid} is not the reconstruction ({diff}/255)"
+        assert abs(_pixels(edit_row) - _pixels(source_row)).max() > 2, f"{workflow.name}: {nid} edited nothing"
+
+
+def _check_sdedit_strengths(server, workflow, prompt, outputs):
+    """SDEdits of one inversion at different strengths t0 give different images."""
+    by_inv = {}
+    for nid, node in prompt.items():
+        if node["class_type"] == "NullTextSDEdit":
+            files = _saved_from(prompt, outputs, server, nid, 0)
+            if files:
+                by_inv.setdefault(tuple(node["inputs"]["inversion"]), []).append((node["inputs"]["t0"], files[0]))
+    for runs in by_inv.values():
+        for (t_a, a), (t_b, b) in zip(runs, runs[1:]):
+            if t_a != t_b:
+                assert abs(_pixels(a) - _pixels(b)).max() > 2, \
+                    f"{workflow.name}: SDEdit at t0 {t_a} and {t_b} gave the same image"
 
 
 def _check_uses_saved_inversion(server, workflow, prompt, outputs, load_id):

@@ -459,3 +459,79 @@ def test_ui_loaders_carry_the_frontends_model_metadata(path):
         assert n["properties"]["models"] == [{"name": name, "url": official[name].url, "directory": folder}]
         assert folder in W.FOLDERS and official[name].folder == folder
         assert official[name].url.startswith("https://")
+
+
+# ---------------------------------------------------------------------------------- SDXL workflows
+SD_NAMES = [make().name for make in mw.SD_WORKFLOWS]
+SD_USERS = {"NullTextInvert", "NullTextEdit", "NullTextSDEdit", "FidelityCurve", "CompareInversionMethods"}
+
+
+def test_sdxl_workflows_are_generated_and_cover_the_issue():
+    """Issue 14's SDXL workflows: invert -> prompt-to-prompt, invert -> SDEdit (and the method comparison once
+    its node exists), all from tests/make_workflows.py."""
+    assert SD_NAMES and all(n.startswith("nulltext_") and "sdxl" in n for n in SD_NAMES)
+    assert set(SD_NAMES) <= {p.stem for p in API_FILES} and not set(SD_NAMES) & {m().name for m in mw.WORKFLOWS}
+    nodes = [n for name in SD_NAMES for n in _api(name).values()]
+    edits = [n["inputs"] for n in nodes if n["class_type"] == "NullTextEdit"]
+    assert {e["mode"] for e in edits} == {"replace", "refine", "reweight"}
+    assert any(e["mode"] == "replace" and e["blend_words"].strip() for e in edits), "a local blend"
+    assert len({n["inputs"]["t0"] for n in nodes if n["class_type"] == "NullTextSDEdit"}) >= 2, "two strengths"
+    if "CompareInversionMethods" in NODE_CLASS_MAPPINGS:
+        assert any(n["class_type"] == "CompareInversionMethods" for n in nodes), "the method comparison"
+
+
+@pytest.mark.parametrize("name", SD_NAMES)
+def test_sdxl_workflow_wiring(name):
+    """The SDXL workflows feed the NULL-text nodes what they need: MODEL/CLIP/VAE from one SDXL checkpoint, an
+    image upscaled to an SDXL size, a known method; edits at the inversion's guidance (the node refuses another),
+    prompts that fit their prompt-to-prompt mode, and a Note that names the weights file, where it goes and the
+    size."""
+    from blended_diffusion.models import inversion as ni
+    wf = _api(name)
+    loaders = [k for k, n in wf.items() if n["class_type"] == "CheckpointLoaderSimple"]
+    assert len(loaders) == 1 and wf[loaders[0]]["inputs"]["ckpt_name"] == mw.SDXL_FILE
+    users = {k: n for k, n in wf.items() if n["class_type"] in SD_USERS}
+    assert users
+    for k, n in users.items():
+        for slot, socket in enumerate(("model", "clip", "vae")):
+            assert n["inputs"][socket] == [loaders[0], slot], f"{name} node {k} {n['class_type']}.{socket}"
+        if "image" in n["inputs"]:  # the image to invert: upscaled to about a megapixel, sides multiples of 64
+            scale = wf[n["inputs"]["image"][0]]
+            assert scale["class_type"] == "ImageScale", f"{name} node {k} inverts an image of the example's size"
+            w, h = scale["inputs"]["width"], scale["inputs"]["height"]
+            assert w % 64 == 0 and h % 64 == 0 and abs(w * h / 1024 ** 2 - 1) < 0.1, (w, h)
+            assert wf[scale["inputs"]["image"][0]]["class_type"] == "LoadImage"
+    inversions = {k: n["inputs"] for k, n in users.items() if n["class_type"] == "NullTextInvert"}
+    for k, inv in inversions.items():
+        assert inv["method"] in ni.METHODS and not inv["global_null"]
+        assert inv["prompt"].strip() and "(" not in inv["prompt"], "a plain caption (no (word:weight) syntax)"
+    for k, n in users.items():
+        if n["class_type"] not in ("NullTextEdit", "NullTextSDEdit"):
+            continue
+        i = n["inputs"]
+        inv = inversions[i["inversion"][0]]
+        assert i["inversion"][1] == 0 and i["guidance"] == inv["guidance"], f"{name} node {k}: the inversion's guidance"
+        src, tgt = ni.split_words(inv["prompt"]), ni.split_words(i["target_prompt"])
+        if n["class_type"] == "NullTextSDEdit":
+            assert 0 < i["t0"] <= 1 and i["start"] in ni.SDEDIT_STARTS and tgt != src
+        elif i["mode"] == "replace":  # a word swap: as many words, some different
+            assert len(tgt) == len(src) and tgt != src, f"{name} node {k}"
+            assert set(ni.split_words(i["blend_words"])) <= set(src) | set(tgt)
+        elif i["mode"] == "refine":  # words added: the caption's words in order inside the target's
+            it = iter(tgt)
+            assert len(tgt) > len(src) and all(w in it for w in src), f"{name} node {k}"
+        else:  # reweight: words of the caption, scaled
+            words = ni.split_words(i["reweight_words"])
+            assert words and set(words) <= set(tgt or src) and i["reweight_factor"] != 1.0, f"{name} node {k}"
+    if name.endswith("prompt_to_prompt"):  # the brief: Direct Inversion for prompt-to-prompt (exact source row)
+        assert [inv["method"] for inv in inversions.values()] == ["direct"]
+    ui = _load(ROOT / "workflows" / f"{name}.json")
+    note = next(n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "Note")
+    assert f"models/checkpoints/{mw.SDXL_FILE}" in note and "1024" in note and "refiner" in note
+
+
+def test_saved_inversion_names_are_unique():
+    """Each workflow that saves an inversion writes its own file (nulltext_05 loads nulltext_01's, an SD1.5 one;
+    an SDXL file there would be refused)."""
+    saved = [n["inputs"]["filename"] for p in API_FILES for n in _load(p).values() if n["class_type"] == "SaveInversion"]
+    assert len(saved) == len(set(saved)) >= 2, saved

@@ -124,7 +124,7 @@ def inverted(sd, image):
 # --------------------------------------------------------------------------------------------- tests
 def test_nodes_registered_with_tooltips():
     for name in ("NullTextInvert", "SaveInversion", "LoadInversion", "NullTextEdit", "NullTextSDEdit",
-                 "FidelityCurve"):
+                 "FidelityCurve", "CompareInversionMethods"):
         cls = NODE_CLASS_MAPPINGS[name]
         assert cls.CATEGORY == "Blended Diffusion/NULL-text"
         for section in cls.INPUT_TYPES().values():

@@ -73,3 +73,64 @@ def plot(series: dict[str, list[tuple[str, float, float]]], title: str, size=PLO
         d.rectangle([W - right - 200, ly, W - right - 188, ly + 10], fill=color)
         d.text((W - right - 182, ly - 1), name, fill=(0, 0, 0), font=font)
     return im
+
+
+TABLE_COLUMNS = (("method", "method", "{}"), ("lpips", "LPIPS", "{:.4g}"), ("psnr_db", "PSNR dB", "{:.2f}"),
+                 ("psnr_vae_db", "PSNR vs VAE", "{:.2f}"), ("latent_mse", "latent MSE", "{:.3g}"),
+                 ("seconds", "seconds", "{:.2f}"), ("eps_calls", "eps calls", "{:d}"),
+                 ("eps_evaluations", "latents", "{:d}"))
+TABLE_ROW = 22  # px per row without thumbnails
+TABLE_TOP = 30  # the title's band
+TABLE_WIDTH = 720
+
+
+def table_row_height(thumbnails: bool) -> int:
+    return 72 if thumbnails else TABLE_ROW
+
+
+def table(rows, title: str, images=None, width: int = TABLE_WIDTH):
+    """A method comparison (models/compare.py's ``Row``s) as a PIL RGB table: a header line, then one line per
+    row (alternately shaded), the best value of each score column in bold green (lowest LPIPS, latent MSE,
+    seconds and eps calls; highest PSNR; the "vae" row, the ceiling, is not ranked). With ``images`` (one
+    [1, 3, H, W] per row) each line starts with a thumbnail of its image. Height: TABLE_TOP + TABLE_ROW (the
+    header) + len(rows) × ``table_row_height`` + 8."""
+    from PIL import Image, ImageDraw, ImageFont
+    thumbs = images is not None and len(images) == len(rows)
+    rh = table_row_height(thumbs)
+    tw = rh - 6 if thumbs else 0
+    H = TABLE_TOP + TABLE_ROW + len(rows) * rh + 8
+    im = Image.new("RGB", (width, H), "white")
+    d = ImageDraw.Draw(im)
+    font = ImageFont.load_default()
+    d.text((8, 8), title[:110], fill=(0, 0, 0), font=font)
+    lower = {"lpips", "latent_mse", "seconds", "eps_calls", "eps_evaluations"}
+    ranked = [r for r in rows if r.method != "vae"]
+    best = {}
+    for key, _, _ in TABLE_COLUMNS[1:]:
+        vals = [getattr(r, key) for r in ranked if not math.isnan(getattr(r, key))]
+        if len(vals) > 1:
+            best[key] = min(vals) if key in lower else max(vals)
+    x0 = 8 + (tw + 8 if thumbs else 0)
+    widths = [150] + [(width - x0 - 150 - 8) // (len(TABLE_COLUMNS) - 1)] * (len(TABLE_COLUMNS) - 1)
+    xs = [x0 + sum(widths[:i]) for i in range(len(widths))]
+    y = TABLE_TOP
+    d.rectangle([0, y, width, y + TABLE_ROW - 1], fill=(220, 228, 240))
+    for x, (_, head, _) in zip(xs, TABLE_COLUMNS):
+        d.text((x, y + TABLE_ROW // 2 - 6), head, fill=(0, 0, 0), font=font)
+    for n, r in enumerate(rows):
+        y = TABLE_TOP + TABLE_ROW + n * rh
+        d.rectangle([0, y, width, y + rh - 1], fill=(246, 246, 246) if n % 2 else (255, 255, 255))
+        if thumbs:
+            img = to_pil(images[n][0])
+            img.thumbnail((tw, tw))
+            im.paste(img, (8, y + (rh - img.height) // 2))
+        for x, (key, _, fmt) in zip(xs, TABLE_COLUMNS):
+            v = getattr(r, key)
+            text = "inf" if isinstance(v, float) and math.isinf(v) else fmt.format(v)
+            win = r.method != "vae" and key in best and v == best[key]
+            color = (0, 130, 0) if win else (0, 0, 0)
+            d.text((x, y + rh // 2 - 6), text, fill=color, font=font)
+            if win:  # bold: drawn twice, a pixel apart
+                d.text((x + 1, y + rh // 2 - 6), text, fill=color, font=font)
+    d.line([0, TABLE_TOP + TABLE_ROW - 1, width, TABLE_TOP + TABLE_ROW - 1], fill=(120, 120, 120))
+    return im

@@ -3,7 +3,8 @@
 Invert once (``NullTextInvert``: DDIM inversion at guidance 1, then NULL-text optimisation at the edit
 guidance), keep the result (``SaveInversion`` / ``LoadInversion``: one .safetensors file), and edit many
 times from it: prompt-to-prompt (``NullTextEdit``), SDEdit (``NullTextSDEdit``), and the supplement's
-fidelity/editability sweep (``FidelityCurve``).
+fidelity/editability sweep (``FidelityCurve``); ``CompareInversionMethods`` measures every inversion method on one
+image (models/compare.py).
 
 The nodes declare their inputs, call the engine and format its results: the runs and the inversion's file format
 are models/inversion.py (over the pure-torch core, models/nulltext.py and models/p2p.py; the core's own DDIM
@@ -25,9 +26,10 @@ import torch.nn.functional as F
 
 from .. import host
 from ..host.sd import SDModel, invert_image, tokenized
+from ..models import compare as cmp
 from ..models import fidelity as fid
 from ..models import inversion as ni
-from ..render import figure
+from ..render import figure, table
 from .common import CATEGORY, CLIP_T, CONTEXT_TIP, DDPM_T, MAX_SEED, bchw_to_image, image_to_bchw, mask_to_bhw
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,31 @@ def _inversion_path(name: str, *, for_reading: bool) -> Path:
                                 "with Save Inversion first, or give the file's absolute path")
     return candidates[0]
 
+
+
+def _write_outputs(fig, text: str, prefix: str, default: str) -> tuple[Path, Path]:
+    """Write a figure and its CSV to ComfyUI's output folder as <prefix>_NNNNN.png / .csv (the first number
+    free for both; ``default`` for an empty prefix). ValueError for a prefix that leaves the output folder."""
+    prefix = prefix.strip() or default
+    if Path(prefix).is_absolute() or ".." in Path(prefix).parts:
+        raise ValueError(f"filename_prefix {prefix!r} must be relative to the output folder")
+    base = host.output_dir() / prefix
+    base.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+
+    def taken(k):
+        return any((base.parent / f"{base.name}_{k:05d}{ext}").exists() for ext in (".png", ".csv"))
+    while taken(n):
+        n += 1
+    png, csv_path = base.parent / f"{base.name}_{n:05d}.png", base.parent / f"{base.name}_{n:05d}.csv"
+    fig.save(png)
+    csv_path.write_text(text)
+    return png, csv_path
+
+
+def _image_of(fig) -> torch.Tensor:
+    """A PIL figure as an IMAGE [1, H, W, 3]."""
+    return torch.from_numpy(np.asarray(fig.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
 # --------------------------------------------------------------------------------------------- nodes
@@ -413,31 +440,79 @@ class FidelityCurve:
             bar.close()
         text = fid.csv_text(rows)
         fig = figure(rows, prompt)
-        png, csv_path = self._write(fig, text, filename_prefix)
+        png, csv_path = _write_outputs(fig, text, filename_prefix, "nulltext/fidelity")
         log.info("fidelity curve written to %s and %s", png, csv_path)
         size = images[0].shape[-2:]
         images = torch.cat([x if x.shape[-2:] == size else
                             F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in images])
-        plot = torch.from_numpy(np.asarray(fig, dtype=np.float32) / 255.0)[None]
+        plot = _image_of(fig)
         return {"ui": {"text": [text]}, "result": (plot, text, bchw_to_image(images))}
 
-    @staticmethod
-    def _write(fig, text: str, prefix: str) -> tuple[Path, Path]:
-        prefix = prefix.strip() or "nulltext/fidelity"
-        if Path(prefix).is_absolute() or ".." in Path(prefix).parts:
-            raise ValueError(f"filename_prefix {prefix!r} must be relative to the output folder")
-        base = host.output_dir() / prefix
-        base.parent.mkdir(parents=True, exist_ok=True)
-        n = 1
-        def taken(k):
-            return any((base.parent / f"{base.name}_{k:05d}{ext}").exists() for ext in (".png", ".csv"))
-        while taken(n):
-            n += 1
-        png, csv_path = base.parent / f"{base.name}_{n:05d}.png", base.parent / f"{base.name}_{n:05d}.csv"
-        fig.save(png)
-        csv_path.write_text(text)
-        return png, csv_path
 
+class CompareInversionMethods:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": SD_TOOLTIPS["model"]}),
+            "clip": ("CLIP", {"tooltip": SD_TOOLTIPS["clip"]}),
+            "vae": ("VAE", {"tooltip": SD_TOOLTIPS["vae"]}),
+            "image": ("IMAGE", {"tooltip": "The real image every method inverts (one image; sides are cropped to "
+                                           "a multiple of 8)."}),
+            "prompt": ("STRING", {"default": "", "multiline": True, "tooltip":
+                "A caption of the image, as for NULL-text Invert: every method inverts with it."}),
+            "methods": ("STRING", {"default": cmp.DEFAULT_METHODS, "tooltip":
+                "The inversion methods to compare, comma separated, in table order: any of "
+                + ", ".join(ni.METHODS) + "."}),
+            "steps": ("INT", {"default": 50, "min": 2, "max": 1000, "tooltip":
+                "DDIM steps of every inversion (the paper: 50)."}),
+            "guidance": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip":
+                "Classifier-free guidance scale of every reconstruction (the paper: 7.5)."}),
+            "inner_steps": ("INT", {"default": 10, "min": 0, "max": 100, "tooltip":
+                "NULL-text's Adam steps per DDIM step (null-text global: passes over all steps); the other "
+                "methods optimise nothing."}),
+            "filename_prefix": ("STRING", {"default": "nulltext/compare", "tooltip":
+                "The table is also written to ComfyUI's output folder as <prefix>_NNNNN.png and .csv."}),
+        }}
+
+    RETURN_TYPES = ("IMAGE", "STRING", "IMAGE")
+    RETURN_NAMES = ("table", "csv", "reconstructions")
+    OUTPUT_TOOLTIPS = ("The comparison as a table: one row per method after the VAE round trip, the best value "
+                       "of each column in green.",
+                       "The measurements as CSV: " + ", ".join(cmp.HEADER) + ".",
+                       "The source, the VAE round trip, then each method's reconstruction, in table order.")
+    FUNCTION = "compare"
+    OUTPUT_NODE = True
+    CATEGORY = NT_CATEGORY
+    DESCRIPTION = ("Inverts one image with each inversion method (NULL-text, NULL-text global, Negative-Prompt "
+                   "Inversion, Direct Inversion) and measures each reconstruction: LPIPS and PSNR to the source, "
+                   "PSNR to the VAE round trip (the ceiling, first row), the latent error, the seconds and the "
+                   "UNet calls. Writes the table (PNG) and the CSV.")
+
+    def compare(self, model, clip, vae, image, prompt, methods=cmp.DEFAULT_METHODS, steps=50, guidance=7.5,
+                inner_steps=10, filename_prefix="nulltext/compare"):
+        if image.ndim == 4 and image.shape[0] != 1:
+            raise ValueError(f"Compare Inversion Methods compares on one image, got a batch of {image.shape[0]}: "
+                             "pick one (e.g. with Image From Batch)")
+        names = cmp.parse_methods(methods)
+        prompt = prompt.strip()
+        sd = SDModel(model, grad=inner_steps > 0 and any(m in ni.OPTIMISING for m in names))
+        t = time.perf_counter()
+        z0, source = sd.encode(vae, image)
+        encode_s = time.perf_counter() - t
+        cond, uncond = sd.condition(clip, prompt, z0), sd.condition(clip, "", z0)
+        bar = host.progress(cmp.total_steps(names, steps, inner_steps), "inversion methods")
+        try:
+            rows, images = cmp.compare(sd, z0, cond, uncond, source=image_to_bchw(source),
+                                       decode=lambda z: sd.decode_pixels(vae, z), methods=names, prompt=prompt,
+                                       steps=steps, guidance=guidance, inner_steps=inner_steps,
+                                       encode_seconds=encode_s, callback=_progress(bar, sd))
+        finally:
+            bar.close()
+        text = cmp.csv_text(rows)
+        fig = table(rows, f"Inversion methods, {steps} steps, guidance {guidance:g}: {prompt[:60]!r}", images[1:])
+        png, csv_path = _write_outputs(fig, text, filename_prefix, "nulltext/compare")
+        log.info("method comparison written to %s and %s", png, csv_path)
+        return {"ui": {"text": [text]}, "result": (_image_of(fig), text, bchw_to_image(torch.cat(images)))}
 
 
 NODE_CLASS_MAPPINGS = {
@@ -447,6 +522,7 @@ NODE_CLASS_MAPPINGS = {
     "NullTextEdit": NullTextEdit,
     "NullTextSDEdit": NullTextSDEdit,
     "FidelityCurve": FidelityCurve,
+    "CompareInversionMethods": CompareInversionMethods,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -456,4 +532,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "NullTextEdit": "NULL-text Edit (prompt-to-prompt)",
     "NullTextSDEdit": "NULL-text SDEdit",
     "FidelityCurve": "Fidelity Curve (LPIPS vs CLIP)",
+    "CompareInversionMethods": "Compare Inversion Methods",
 }

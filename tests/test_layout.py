@@ -17,7 +17,8 @@ COMFYUI_MODULES = {"comfy", "comfy_api", "comfy_execution", "comfy_extras", "com
                    "server", "execution", "nodes", "node_helpers", "latent_preview"}
 NODE_IDS = ["LoadDDPM", "LoadCLIP", "NoiseImage", "CLIPGuidedStep", "MaskBlend", "ExtendingAugment",
             "BlendedDiffusionSampler", "RankByCLIP", "Extrapolate", "BlendedDiffusionEvaluate", "NullTextInvert",
-            "SaveInversion", "LoadInversion", "NullTextEdit", "NullTextSDEdit", "FidelityCurve"]
+            "SaveInversion", "LoadInversion", "NullTextEdit", "NullTextSDEdit", "FidelityCurve",
+            "CompareInversionMethods"]
 
 
 def pack_sources():

@@ -94,7 +94,8 @@ def _alpha_mask(name):
 EXPECTED = {"LoadDDPM", "LoadCLIP", "NoiseImage", "CLIPGuidedStep", "MaskBlend", "ExtendingAugment",
             "RankByCLIP", "Extrapolate", "BlendedDiffusionSampler", "BlendedDiffusionEvaluate"}
 # nodes/nulltext.py: ComfyUI MODEL/CLIP/VAE in, so they run in tests/test_nulltext_nodes.py (needs ComfyUI)
-NULLTEXT = {"NullTextInvert", "SaveInversion", "LoadInversion", "NullTextEdit", "NullTextSDEdit", "FidelityCurve"}
+NULLTEXT = {"NullTextInvert", "SaveInversion", "LoadInversion", "NullTextEdit", "NullTextSDEdit", "FidelityCurve",
+            "CompareInversionMethods"}
 
 
 def test_node_ids_and_display_names():

@@ -124,7 +124,7 @@ def inverted(sd, image):
 # --------------------------------------------------------------------------------------------- tests
 def test_nodes_registered_with_tooltips():
     for name in ("NullTextInvert", "SaveInversion", "LoadInversion", "NullTextEdit", "NullTextSDEdit",
-                 "FidelityCurve"):
+                 "FidelityCurve", "CompareInversionMethods"):
         cls = NODE_CLASS_MAPPINGS[name]
         assert cls.CATEGORY == "Blended Diffusion/NULL-text"
         for section in cls.INPUT_TYPES().values():
@@ -366,3 +366,66 @@ def test_schedule_matches_core_default_for_sd1(sd):
     model = sd[0]
     sigmas = model.get_model_object("model_sampling").sigmas.double()
     assert torch.allclose(1 / (sigmas ** 2 + 1), nt.scaled_linear_alphas_cumprod(), rtol=1e-5)
+
+
+def test_compare_inversion_methods(sd, image, inverted, tmp_path, monkeypatch):
+    """Every method on the tiny SD1.5 model: the files, the CSV's columns and rows, Direct Inversion's exact latent,
+    the costs, the reconstructions (NULL-text's is NullTextInvert's), and Cancel between steps."""
+    from blended_diffusion.models import compare as cmp
+    from blended_diffusion.render import TABLE_ROW, TABLE_TOP, table_row_height
+    model, clip, vae = sd
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))
+    kw = dict(model=model, clip=clip, vae=vae, image=image, prompt=PROMPT, steps=STEPS, guidance=7.5, inner_steps=10)
+    fig, text, recons = run("CompareInversionMethods", methods="null-text, negative-prompt, direct",
+                            filename_prefix="nulltext/cmp", **kw)
+    lines = text.strip().split("\n")
+    assert lines[0] == "method,lpips,psnr_db,seconds,eps_calls,eps_evaluations,latent_mse,psnr_vae_db"
+    rows = {r.method: r for r in cmp.read_csv(text)}
+    assert list(rows) == ["vae", "null-text", "negative-prompt", "direct"]
+    assert (tmp_path / "nulltext" / "cmp_00001.csv").read_text() == text
+    assert (tmp_path / "nulltext" / "cmp_00001.png").is_file()
+    # the reconstructions: source, VAE round trip, one per method; NULL-text's is NullTextInvert's
+    assert recons.shape == (5, SIZE, SIZE, 3)
+    assert torch.allclose(recons[0], image[0], atol=1e-6)
+    assert torch.allclose(recons[2], inverted[1][0], atol=1e-5)
+    assert rows["null-text"].latent_mse == pytest.approx(inverted[0].info["latent_mse"], rel=1e-3)
+    # Direct Inversion reconstructs the latent to float tolerance: the best latent error, and the VAE's image
+    assert rows["direct"].latent_mse < 1e-9
+    assert rows["direct"].latent_mse == min(r.latent_mse for m, r in rows.items() if m != "vae")
+    assert rows["direct"].psnr_vae_db > 60 and rows["vae"].psnr_vae_db == float("inf")
+    assert rows["vae"].eps_calls == 0 and rows["vae"].latent_mse == 0
+    # costs as the README's table gives them: N inversion + N guided steps (NPI: one latent a step, direct: two)
+    assert rows["negative-prompt"].eps_calls == rows["direct"].eps_calls == 2 * STEPS
+    assert rows["negative-prompt"].eps_evaluations == 2 * STEPS and rows["direct"].eps_evaluations == 3 * STEPS
+    assert 4 * STEPS < rows["null-text"].eps_calls <= STEPS * (10 + 2) + 2 * STEPS
+    for r in rows.values():
+        assert 0 <= r.lpips < 1 and r.psnr_db > 0 and r.seconds >= 0, r
+    # the table: the header, then one line (with its thumbnail) per row
+    assert fig.shape == (1, TABLE_TOP + TABLE_ROW + 4 * table_row_height(True) + 8, 720, 3)
+    # a second run writes the next number
+    run("CompareInversionMethods", methods="direct", filename_prefix="nulltext/cmp", **kw)
+    assert cmp.read_csv((tmp_path / "nulltext" / "cmp_00002.csv").read_text())[1].method == "direct"
+    with pytest.raises(ValueError, match="null-text, null-text global, negative-prompt, direct"):
+        run("CompareInversionMethods", methods="direct, ddim", filename_prefix="nulltext/cmp", **kw)
+    # Cancel: the comparison stops at the next step
+    real, seen = host.progress, []
+
+    class Cancelling:
+        def __init__(self, total, desc=""):
+            self.bar = real(total, desc)
+            assert total == 4 * STEPS
+
+        def update(self, step, preview=None, total=None):
+            seen.append(step)
+            if step == STEPS + 3:  # inside the second method
+                host.request_interrupt()
+            self.bar.update(step, preview, total)
+
+        def close(self):
+            self.bar.close()
+
+    monkeypatch.setattr(host, "progress", Cancelling)
+    with pytest.raises(host.Interrupted):
+        run("CompareInversionMethods", methods="negative-prompt, direct", filename_prefix="nulltext/cmp", **kw)
+    assert seen == list(range(1, STEPS + 4))
+    assert not (tmp_path / "nulltext" / "cmp_00003.csv").exists()

@@ -203,3 +203,24 @@ def test_an_inversion_is_refused_by_the_other_family(models, inversions):
             run("NullTextEdit", model=model, clip=clip, vae=vae, inversion=inv, target_prompt="a photo of a dog",
                 mode="replace", cross_replace_steps=0.8, self_replace_steps=0.4, reweight_words="",
                 reweight_factor=1.0, guidance=7.5, blend_words="")
+
+
+def test_compare_inversion_methods_on_sdxl(models, image, inversions, tmp_path, monkeypatch):
+    """Compare Inversion Methods on the tiny SDXL: every method, the CSV's rows, Direct Inversion's exact latent and
+    the reconstructions batch; NULL-text's reconstruction is NullTextInvert's."""
+    from blended_diffusion.models import compare as cmp
+    model, clip, vae = models["SDXL"]
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))
+    fig, text, recons = run("CompareInversionMethods", model=model, clip=clip, vae=vae, image=image, prompt=PROMPT,
+                            methods=", ".join(METHODS), steps=STEPS, guidance=7.5, inner_steps=INNER,
+                            filename_prefix="cmp/sdxl")
+    rows = {r.method: r for r in cmp.read_csv(text)}
+    assert list(rows) == ["vae", *METHODS]
+    assert (tmp_path / "cmp" / "sdxl_00001.csv").read_text() == text and (tmp_path / "cmp" / "sdxl_00001.png").is_file()
+    assert recons.shape == (2 + len(METHODS), SIZE, SIZE, 3) and fig.shape[0] == 1
+    assert rows["direct"].latent_mse < 1e-9
+    assert rows["direct"].latent_mse == min(r.latent_mse for m, r in rows.items() if m != "vae")
+    assert rows["direct"].eps_calls == rows["negative-prompt"].eps_calls == 2 * STEPS
+    assert rows["null-text global"].eps_calls == STEPS + 3 * INNER * STEPS + STEPS
+    assert torch.allclose(recons[2], inversions("SDXL", "null-text")[1][0], atol=1e-5)
+    assert all(math.isfinite(r.lpips) and r.psnr_db > 0 for r in rows.values())

@@ -741,7 +741,36 @@ faster than NULL-text at comparable fidelity (not measured here).
     return wf
 
 
-SD_WORKFLOWS = [wf_sdxl_p2p, wf_sdxl_sdedit]
+def wf_sdxl_compare() -> Workflow:
+    wf = Workflow("nulltext_08_sdxl_compare_methods", "")
+    sd_note(wf, """
+Every inversion method on one image with SDXL: Compare Inversion Methods inverts the image with the caption by
+null-text, null-text global, negative-prompt and direct in turn (50 steps, guidance 7.5, 10 Adam steps for the
+NULL-text ones) and rebuilds it from each inversion. Its table (previewed here) has one row per method with
+the reconstruction's LPIPS and PSNR to the source, its PSNR to the VAE round trip, the latent error, the seconds
+and the UNet calls; the first row, "vae", is the VAE's own encode -> decode, the ceiling no method can beat (best
+values in green). The CSV output (shown on the node) holds the same numbers; both are also written to
+output/nulltext/sdxl_compare_NNNNN.png / .csv. The reconstructions output is the source, the VAE round trip,
+then each method's reconstruction, in table order.
+Costs: the sum of the four inversions. In README's measurement (20 steps on the tiny test network) the UNet
+calls were null-text 226, null-text global 640, negative-prompt 40, direct 40: the NULL-text methods are most
+of the run; list fewer methods (e.g. "negative-prompt, direct") for a quick look.
+LPIPS uses torchvision's VGG weights vgg16-397923af.pth in the torch hub cache ($TORCH_HOME/hub/checkpoints),
+downloaded on first use; offline: `blended-diffusion weights --lpips` fetches it (run it once online).
+""")
+    g1, g2, g3 = wf.group("Image and SDXL checkpoint", BLUE), wf.group("Compare the methods", GREEN), \
+        wf.group("Table and reconstructions", PURPLE)
+    img, ckpt = sdxl_inputs(wf, g1)
+    cmp = wf.add("CompareInversionMethods", 1, g2, **sd_models(ckpt), image=img.out(), prompt=SD_CAPTION,
+                 methods="null-text, null-text global, negative-prompt, direct", steps=50, guidance=7.5,
+                 inner_steps=10, filename_prefix="nulltext/sdxl_compare")
+    wf.add("PreviewImage", 2, g3, title="Preview: the table", images=cmp.out(0))
+    wf.add("SaveImage", 3, g3, title="Save the reconstructions", images=cmp.out(2),
+           filename_prefix="nulltext/sdxl_compare_reconstructions")
+    return wf
+
+
+SD_WORKFLOWS = [wf_sdxl_p2p, wf_sdxl_sdedit, wf_sdxl_compare]
 
 
 def build() -> dict[str, tuple[dict, dict]]:

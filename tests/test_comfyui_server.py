@@ -625,6 +625,9 @@ def _check_sd_outputs(server, workflow, prompt, outputs):
             src, slot = prompt[inputs["images"][0]], inputs["images"][1]
             if src["class_type"] == "FidelityCurve":
                 want = (1, PLOT_SIZE) if slot == 0 else (_fidelity_rows(src["inputs"]), SD_SIZE)
+            elif src["class_type"] == "CompareInversionMethods":  # the table; the source, VAE, each method
+                n = len(_compared(src["inputs"]))
+                want = (1, _table_size(n + 1)) if slot == 0 else (n + 2, SD_SIZE)
             else:
                 want = (SD_IMAGES[(src["class_type"], slot)], SD_SIZE)
             files = _image_files(server, outputs, nid)
@@ -669,8 +672,42 @@ def _check_sd_outputs(server, workflow, prompt, outputs):
                 assert im.size == PLOT_SIZE, im.size
         elif ct == "LoadInversion":
             _check_uses_saved_inversion(server, workflow, prompt, outputs, nid)
+        elif ct == "CompareInversionMethods":
+            _check_comparison(server, workflow, inputs, outputs[nid]["text"][0])
     _check_edit_rows(server, workflow, prompt, outputs)
     _check_sdedit_strengths(server, workflow, prompt, outputs)
+
+
+def _compared(inputs):
+    from blended_diffusion.models import compare as cmp
+    return cmp.parse_methods(inputs["methods"])
+
+
+def _table_size(rows):
+    """CompareInversionMethods' table image (render.table with a thumbnail per row): (width, height)."""
+    from blended_diffusion import render
+    return render.TABLE_WIDTH, render.TABLE_TOP + render.TABLE_ROW + rows * render.table_row_height(True) + 8
+
+
+def _check_comparison(server, workflow, inputs, text):
+    """The comparison's CSV: the VAE row, then every method asked for in order, at SD_FAST's steps: Direct
+    Inversion exact, NPI and Direct at 2 UNet calls a step, NULL-text more; the same CSV written to the output."""
+    from blended_diffusion.models import compare as cmp
+    rows, steps = cmp.read_csv(text), SD_FAST["steps"]
+    assert [r.method for r in rows] == [cmp.VAE] + _compared(inputs), text
+    by = {r.method: r for r in rows}
+    assert by[cmp.VAE].eps_calls == 0 and by[cmp.VAE].latent_mse == 0, text
+    for r in rows[1:]:
+        assert 0 <= r.lpips < 10 and r.seconds > 0 and r.latent_mse >= 0, f"{workflow.name}: {r}"
+    if "direct" in by:
+        assert by["direct"].latent_mse < DIRECT_MSE and by["direct"].eps_calls == 2 * steps, text
+    if "negative-prompt" in by:
+        assert by["negative-prompt"].eps_calls == 2 * steps, text
+    if "null-text" in by and SD_FAST["inner_steps"] > 0:
+        assert by["null-text"].eps_calls > 2 * steps, text
+    prefix = server.output_dir / inputs["filename_prefix"]
+    written = [c for c in sorted(prefix.parent.glob(f"{prefix.name}_*.csv")) if c.read_text() == text]
+    assert written and written[-1].with_suffix(".png").is_file(), f"{workflow.name}: no {prefix}_NNNNN.csv/.png"
 
 
 def _family(prompt, invert_inputs):

@@ -467,8 +467,8 @@ SD_USERS = {"NullTextInvert", "NullTextEdit", "NullTextSDEdit", "FidelityCurve",
 
 
 def test_sdxl_workflows_are_generated_and_cover_the_issue():
-    """Issue 14's SDXL workflows: invert -> prompt-to-prompt, invert -> SDEdit (and the method comparison once
-    its node exists), all from tests/make_workflows.py."""
+    """Issue 14's SDXL workflows: invert -> prompt-to-prompt, invert -> SDEdit, the method comparison, all from
+    tests/make_workflows.py."""
     assert SD_NAMES and all(n.startswith("nulltext_") and "sdxl" in n for n in SD_NAMES)
     assert set(SD_NAMES) <= {p.stem for p in API_FILES} and not set(SD_NAMES) & {m().name for m in mw.WORKFLOWS}
     nodes = [n for name in SD_NAMES for n in _api(name).values()]
@@ -476,8 +476,7 @@ def test_sdxl_workflows_are_generated_and_cover_the_issue():
     assert {e["mode"] for e in edits} == {"replace", "refine", "reweight"}
     assert any(e["mode"] == "replace" and e["blend_words"].strip() for e in edits), "a local blend"
     assert len({n["inputs"]["t0"] for n in nodes if n["class_type"] == "NullTextSDEdit"}) >= 2, "two strengths"
-    if "CompareInversionMethods" in NODE_CLASS_MAPPINGS:
-        assert any(n["class_type"] == "CompareInversionMethods" for n in nodes), "the method comparison"
+    assert any(n["class_type"] == "CompareInversionMethods" for n in nodes), "the method comparison"
 
 
 @pytest.mark.parametrize("name", SD_NAMES)
@@ -523,6 +522,13 @@ def test_sdxl_workflow_wiring(name):
         else:  # reweight: words of the caption, scaled
             words = ni.split_words(i["reweight_words"])
             assert words and set(words) <= set(tgt or src) and i["reweight_factor"] != 1.0, f"{name} node {k}"
+    for k, n in users.items():
+        if n["class_type"] == "CompareInversionMethods":  # every method, at the settings of the other workflows
+            from blended_diffusion.models import compare as cmp
+            i = n["inputs"]
+            assert sorted(cmp.parse_methods(i["methods"])) == sorted(ni.METHODS), f"{name} node {k}"
+            assert (i["steps"], i["guidance"], i["inner_steps"]) == (50, 7.5, 10) and i["prompt"].strip()
+            assert i["filename_prefix"].strip() and ".." not in i["filename_prefix"]
     if name.endswith("prompt_to_prompt"):  # the brief: Direct Inversion for prompt-to-prompt (exact source row)
         assert [inv["method"] for inv in inversions.values()] == ["direct"]
     ui = _load(ROOT / "workflows" / f"{name}.json")

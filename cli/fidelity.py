@@ -84,7 +84,7 @@ def _add_sd_args(f):
                    help="instead of the sweep, invert -i with each of these methods (comma separated, e.g. "
                         "'null-text, negative-prompt, direct') and write <output_path>/compare.csv, compare.png "
                         "and compare.json: reconstruction LPIPS/PSNR, seconds and eps calls per method (-p, "
-                        "--mask and --t0 unused)")
+                        "--mask and --t0 unused); Ctrl-C keeps the finished rows")
     g.add_argument("--t0", default="0.2,0.4,0.6,0.8,1.0", metavar="T,T,...",
                    help="SDEdit strengths to sweep, fractions of the DDIM steps in (0, 1] (default "
                         "0.2,0.4,0.6,0.8,1.0)")
@@ -393,18 +393,28 @@ def cmd_compare(args) -> int:
         encode_s = time.perf_counter() - t
         cond, uncond = sd.condition(sd_clip, prompt, z0), sd.condition(sd_clip, "", z0)
         bar = StepBar(cmp.total_steps(methods, steps, args.inner_steps), "inversion methods")
+        rows, images, interrupted = [], [source.movedim(-1, 1).float().cpu()], False
         try:
-            rows, images = cmp.compare(sd, z0, cond, uncond, source=source.movedim(-1, 1), methods=methods,
-                                       decode=lambda z: sd.decode_pixels(vae, z), prompt=prompt, steps=steps,
-                                       guidance=guidance, inner_steps=args.inner_steps, encode_seconds=encode_s,
-                                       callback=bar)
+            for row, img in cmp.measure(sd, z0, cond, uncond, source=images[0], methods=methods,
+                                        decode=lambda z: sd.decode_pixels(vae, z), prompt=prompt, steps=steps,
+                                        guidance=guidance, inner_steps=args.inner_steps, encode_seconds=encode_s,
+                                        callback=bar):
+                rows.append(row)
+                images.append(img)
+        except KeyboardInterrupt:
+            interrupted = True
         finally:
             bar.close()
     out_dir = Path(args.output_path).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path, json_path = (out_dir / f"compare.{ext}" for ext in ("csv", "png", "json"))
-    csv_path.write_text(cmp.csv_text(rows))
-    table(rows, f"Inversion methods, {steps} steps, guidance {guidance:g}: {prompt[:60]!r}", images[1:]).save(png_path)
+    if rows:  # Ctrl-C keeps the finished rows; none: no table of an earlier run passes for this one's
+        csv_path.write_text(cmp.csv_text(rows))
+        table(rows, f"Inversion methods, {steps} steps, guidance {guidance:g}: {prompt[:60]!r}",
+              images[1:]).save(png_path)
+    else:
+        csv_path.unlink(missing_ok=True)
+        png_path.unlink(missing_ok=True)
     files = []
     if args.save_images:
         (out_dir / "compare_images").mkdir(exist_ok=True)
@@ -418,12 +428,16 @@ def cmd_compare(args) -> int:
                                         "source_size": [source.shape[-2], source.shape[-3]]},
                            "rows": [dict(zip(cmp.HEADER, (r.method, *(_finite(v) for v in (
                                         r.lpips, r.psnr_db, r.seconds, r.eps_calls, r.eps_evaluations, r.latent_mse,
-                                        r.psnr_vae_db))))) for r in rows], "images": files, "elapsed_s": round(time.time() - t_start, 2)})
+                                        r.psnr_vae_db))))) for r in rows], "images": files, "interrupted": interrupted,
+                           "elapsed_s": round(time.time() - t_start, 2)})
     for r in rows:
         summary.info("%-17s LPIPS %.4f, PSNR %.2f dB (%.2f dB to the VAE's), latent MSE %.3g, %.1f s, %d eps calls",
                      r.method, r.lpips, r.psnr_db, r.psnr_vae_db, r.latent_mse, r.seconds, r.eps_calls)
-    summary.info("method comparison: table %s, CSV %s (parameters %s)", png_path, csv_path, json_path)
-    return 0
+    if interrupted:
+        log.warning("interrupted: kept the %d finished row(s) of %d", len(rows), len(methods) + 1)
+    if rows:
+        summary.info("method comparison: table %s, CSV %s (parameters %s)", png_path, csv_path, json_path)
+    return 130 if interrupted else 0
 
 
 def cmd_fidelity(args) -> int:

@@ -955,7 +955,7 @@ def _square_photo(tmp_path) -> Path:
     return img
 
 
-def test_fidelity_method_direct_and_compare_methods(tmp_path, sd_checkpoint, ckpt_dir, capsys):
+def test_fidelity_method_direct_and_compare_methods(tmp_path, sd_checkpoint, ckpt_dir, monkeypatch, capsys):
     """--method direct inverts with Direct Inversion (the saved file says so, the sweep names it); --compare-methods
     writes the comparison's CSV, table, record and images."""
     from blended_diffusion.models import compare as cmp
@@ -988,3 +988,16 @@ def test_fidelity_method_direct_and_compare_methods(tmp_path, sd_checkpoint, ckp
                              "compare_images/02_negative_prompt.png", "compare_images/03_direct.png"]
     assert all(Image.open(out / f).size == (64, 64) for f in rec["images"])
     assert "direct" in cap.out and "method comparison" in cap.out
+    # Ctrl-C during the second method keeps the finished rows (exit 130)
+    real = ni.invert
+
+    def invert(*a, method="null-text", **kw):
+        if method == "direct":
+            raise KeyboardInterrupt
+        return real(*a, method=method, **kw)
+
+    monkeypatch.setattr(ni, "invert", invert)
+    rc, cap = run_cli([*base, "--compare-methods", "negative-prompt, direct", "--output_path", out], capsys)
+    assert rc == 130 and "kept the 2 finished row(s) of 3" in cap.err
+    assert [r.method for r in cmp.read_csv((out / "compare.csv").read_text())] == ["vae", "negative-prompt"]
+    assert json.loads((out / "compare.json").read_text())["interrupted"] is True

@@ -1,11 +1,13 @@
 """``fidelity``: the supplement's fidelity/editability curve (models/fidelity.py, shared with the FidelityCurve
 node): Blended Diffusion over --skip-timesteps and, with --sd-checkpoint, SDEdit over --t0 after NULL-text
-inversion and plain (Stable Diffusion through the host adapter, host/sd.py). Steps: ``check_inputs``,
+inversion and plain (Stable Diffusion through the host adapter, host/sd.py); with --compare-methods, instead, each
+inversion method on -i (models/compare.py, as the CompareInversionMethods node: ``cmd_compare``). Steps: ``check_inputs``,
 ``prepare`` (ComfyUI, source, mask, models, record), ``sweep_runs`` (the list of runs), ``measure`` (make and
 score each, Ctrl-C keeps the finished ones), ``write_outputs``."""
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import sys
 import time
@@ -21,6 +23,8 @@ from .common import (StepBar, add_context_arg, add_diffusion_args, add_model_arg
                      use_example, vae_crop, write_json)
 from .images import checked_mask, load_image
 
+METHODS = ("null-text", "null-text global", "negative-prompt", "direct")  # models/inversion.py's, without torch
+
 
 def add_parser(sub):
     f = new_parser(sub, "fidelity", help="fidelity/editability curve: LPIPS to the source vs CLIP distance to the "
@@ -32,7 +36,9 @@ def add_parser(sub):
                                "inversion and plain (needs ComfyUI to load the checkpoint). Both give one plot. "
                                "Writes <output_path>/fidelity.png, fidelity.csv (method, parameter, value, "
                                "lpips, clip_distance) and fidelity.json. Without -i/--mask/--sd-checkpoint, "
-                               "sweeps the bundled example.")
+                               "sweeps the bundled example. With --compare-methods (and --sd-checkpoint, -i, "
+                               "--source-prompt): compares the inversion methods' reconstructions of -i instead "
+                               "(compare.csv, compare.png, compare.json).")
     f.add_argument("-p", "--prompt", type=str, default=None,
                    help="the target prompt: the edits go towards it and every result is scored against it")
     f.add_argument("-i", "--init_image", type=str, default=None, help="the source image")
@@ -69,6 +75,16 @@ def _add_sd_args(f):
                    help="classifier-free guidance scale (default 7.5, or the inversion's with --inversion)")
     g.add_argument("--inner-steps", dest="inner_steps", type=int, default=10,
                    help="NULL-text optimisation: Adam steps per DDIM step (default 10; 0 = plain DDIM inversion)")
+    g.add_argument("--method", default="null-text", choices=METHODS, metavar="METHOD",
+                   help="the inversion method of -i: " + ", ".join(METHODS) + " (default null-text; quote the "
+                        "one with a space)")
+    g.add_argument("--global-null", dest="global_null", action="store_true",
+                   help="NULL-text with one null embedding for all steps (= --method 'null-text global')")
+    g.add_argument("--compare-methods", dest="compare_methods", metavar="M,M,...", default=None,
+                   help="instead of the sweep, invert -i with each of these methods (comma separated, e.g. "
+                        "'null-text, negative-prompt, direct') and write <output_path>/compare.csv, compare.png "
+                        "and compare.json: reconstruction LPIPS/PSNR, seconds and eps calls per method (-p, "
+                        "--mask and --t0 unused); Ctrl-C keeps the finished rows")
     g.add_argument("--t0", default="0.2,0.4,0.6,0.8,1.0", metavar="T,T,...",
                    help="SDEdit strengths to sweep, fractions of the DDIM steps in (0, 1] (default "
                         "0.2,0.4,0.6,0.8,1.0)")
@@ -131,6 +147,12 @@ def _check_sd(args, plan: Plan) -> None:
         raise CLIError(f"--steps = {args.steps}: it must be at least 2")
     if args.inner_steps < 0:
         raise CLIError(f"--inner-steps = {args.inner_steps}: it must be >= 0")
+    if args.global_null and args.method not in ("null-text", "null-text global"):
+        raise CLIError(f"--global-null applies to NULL-text only, not to --method {args.method!r}: drop one")
+    if args.global_null:
+        args.method = "null-text global"
+    if plan.inv_file is not None and (args.method != "null-text" or args.global_null):
+        log.warning("--method ignored: the inversion %s was made with its own method", plan.inv_file)
     if args.guidance is not None and not 1 <= args.guidance < float("inf"):
         raise CLIError(f"--guidance = {args.guidance}: it must be a finite number >= 1")
     plan.t0s = engine_check(fid.parse_values, args.t0, "--t0", 1e-6, 1.0)
@@ -201,11 +223,12 @@ def _inversion(args, plan: Plan, sd_models, image, mask, record: dict):
     guidance = 7.5 if args.guidance is None else args.guidance
     image, mask = vae_crop(vae, image, mask)  # the mask cropped as the VAE crops the image
     steps = args.steps or 50
-    sd = host_sd.SDModel(model, grad=args.inner_steps > 0)
-    bar = StepBar(ni.invert_steps(steps, args.inner_steps), "NULL-text inversion")
+    sd = host_sd.SDModel(model, grad=args.inner_steps > 0 and args.method in ni.OPTIMISING)
+    bar = StepBar(ni.invert_steps(steps, args.inner_steps, method=args.method), f"{args.method} inversion")
     try:
         inv, _ = host_sd.invert_image(sd, sd_clip, vae, image.movedim(1, -1), args.source_prompt.strip(),
-                                      steps=steps, guidance=guidance, inner_steps=args.inner_steps, callback=bar)
+                                      steps=steps, guidance=guidance, inner_steps=args.inner_steps,
+                                      method=args.method, callback=bar)
     finally:
         bar.close()
     record["inversion_report"] = inv.report()
@@ -317,8 +340,110 @@ def report(rows: list, n_runs: int, record: dict, paths: tuple[Path, ...]) -> in
     return 130 if record["interrupted"] else 0
 
 
+# --- --compare-methods ----------------------------------------------------------------------------
+def check_compare(args) -> tuple[Plan, list[str]]:
+    """The method comparison's flags: the checkpoint, -i with its caption, the methods and numbers."""
+    from ..models import compare as cmp
+    if args.sd_checkpoint is None:
+        raise CLIError("--compare-methods needs --sd-checkpoint FILE: the Stable Diffusion model every method "
+                       "inverts with")
+    if args.inversion is not None or args.save_inversion is not None:
+        raise CLIError("--compare-methods inverts -i with each method itself: drop --inversion / --save-inversion")
+    methods = engine_check(cmp.parse_methods, args.compare_methods)
+    plan = Plan(prompt=(args.prompt or "").strip())
+    _check_sd(args, plan)
+    for flag, value in (("-p/--prompt", args.prompt), ("--mask", args.mask),
+                        ("--method/--global-null", None if args.method == "null-text" else args.method)):
+        if value is not None:
+            log.warning("%s ignored: --compare-methods measures reconstructions of -i", flag)
+    check_output_dir(args.output_path)
+    return plan, methods
+
+
+def _finite(v):
+    """A number for the JSON record: an infinite PSNR (an identical image) as None (JSON has no infinity)."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def cmd_compare(args) -> int:
+    """Each inversion method on -i (models/compare.py, as the CompareInversionMethods node): compare.csv,
+    compare.png (the table), compare.json, with --save-images the reconstructions."""
+    import torch
+
+    from ..host import sd as host_sd
+    from ..models import compare as cmp
+    from ..models import inversion as ni
+    from ..render import table
+    plan, methods = check_compare(args)
+    import_comfyui(args.comfyui, resolve_device(args.device, args.gpu_id))
+    image = load_image(args.init_image)
+    t_start = time.time()
+    steps, guidance = args.steps or 50, 7.5 if args.guidance is None else args.guidance
+    prompt = args.source_prompt.strip()
+    log.info("loading %s with ComfyUI", plan.ckpt)
+    with torch.inference_mode():  # ComfyUI's own mode for its models
+        try:
+            model, sd_clip, vae = host_sd.load_checkpoint(plan.ckpt)
+        except ValueError as e:
+            raise CLIError(f"--sd-checkpoint {e}") from None
+        image, _ = vae_crop(vae, image)
+        sd = host_sd.SDModel(model, grad=args.inner_steps > 0 and any(m in ni.OPTIMISING for m in methods))
+        t = time.perf_counter()
+        z0, source = sd.encode(vae, image.movedim(1, -1))
+        encode_s = time.perf_counter() - t
+        cond, uncond = sd.condition(sd_clip, prompt, z0), sd.condition(sd_clip, "", z0)
+        bar = StepBar(cmp.total_steps(methods, steps, args.inner_steps), "inversion methods")
+        rows, images, interrupted = [], [source.movedim(-1, 1).float().cpu()], False
+        try:
+            for row, img in cmp.measure(sd, z0, cond, uncond, source=images[0], methods=methods,
+                                        decode=lambda z: sd.decode_pixels(vae, z), prompt=prompt, steps=steps,
+                                        guidance=guidance, inner_steps=args.inner_steps, encode_seconds=encode_s,
+                                        callback=bar):
+                rows.append(row)
+                images.append(img)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            bar.close()
+    out_dir = Path(args.output_path).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path, json_path = (out_dir / f"compare.{ext}" for ext in ("csv", "png", "json"))
+    if rows:  # Ctrl-C keeps the finished rows; none: no table of an earlier run passes for this one's
+        csv_path.write_text(cmp.csv_text(rows))
+        table(rows, f"Inversion methods, {steps} steps, guidance {guidance:g}: {prompt[:60]!r}",
+              images[1:]).save(png_path)
+    else:
+        csv_path.unlink(missing_ok=True)
+        png_path.unlink(missing_ok=True)
+    files = []
+    if args.save_images:
+        (out_dir / "compare_images").mkdir(exist_ok=True)
+        for k, (name, img) in enumerate(zip(["source", *(r.method for r in rows)], images)):
+            files.append(f"compare_images/{k:02d}_{_slug(name)}.png")
+            to_pil(img[0]).save(out_dir / files[-1])
+    write_json(json_path, {"command": "fidelity --compare-methods", "argv": args.argv, "parameters": parameters(args),
+                           "resolved": {"init_image": resolved_path(args.init_image),
+                                        "sd_checkpoint": str(plan.ckpt.resolve()), "source_prompt": prompt,
+                                        "methods": methods, "steps": steps, "guidance": guidance,
+                                        "source_size": [source.shape[-2], source.shape[-3]]},
+                           "rows": [dict(zip(cmp.HEADER, (r.method, *(_finite(v) for v in (
+                                        r.lpips, r.psnr_db, r.seconds, r.eps_calls, r.eps_evaluations, r.latent_mse,
+                                        r.psnr_vae_db))))) for r in rows], "images": files, "interrupted": interrupted,
+                           "elapsed_s": round(time.time() - t_start, 2)})
+    for r in rows:
+        summary.info("%-17s LPIPS %.4f, PSNR %.2f dB (%.2f dB to the VAE's), latent MSE %.3g, %.1f s, %d eps calls",
+                     r.method, r.lpips, r.psnr_db, r.psnr_vae_db, r.latent_mse, r.seconds, r.eps_calls)
+    if interrupted:
+        log.warning("interrupted: kept the %d finished row(s) of %d", len(rows), len(methods) + 1)
+    if rows:
+        summary.info("method comparison: table %s, CSV %s (parameters %s)", png_path, csv_path, json_path)
+    return 130 if interrupted else 0
+
+
 def cmd_fidelity(args) -> int:
     import torch
+    if args.compare_methods is not None:
+        return cmd_compare(args)
     plan = check_inputs(args)
     image, mask, models, record = prepare(args, plan)
     t_start = time.time()

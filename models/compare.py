@@ -16,7 +16,7 @@ import csv
 import io
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import astuple, dataclass, fields
 
 import torch
@@ -106,6 +106,40 @@ def total_steps(methods: list[str], steps: int, inner_steps: int) -> int:
     return sum(ni.invert_steps(steps, inner_steps, method=m) for m in methods)
 
 
+def measure(model, z0: torch.Tensor, cond: Conditioning, uncond: Conditioning, *, source: torch.Tensor,
+            decode: Callable[[torch.Tensor], torch.Tensor], methods: list[str], prompt: str = "", steps: int = 50,
+            guidance: float = 7.5, inner_steps: int = 10, encode_seconds: float = 0.0,
+            callback: nt.Callback | None = None) -> Iterator[tuple[Row, torch.Tensor]]:
+    """``compare``'s rows one by one, each with its image (the VAE round trip first): a caller that is stopped
+    keeps the finished ones."""
+    methods = list(methods)
+    if not methods:
+        raise ValueError("no inversion method to compare: give one or more of " + ", ".join(ni.METHODS))
+    source = source.detach().float().cpu()
+    total = total_steps(methods, steps, inner_steps)
+    t = time.perf_counter()
+    vae_image = decode(z0).detach().float().cpu()
+    vae_s = encode_seconds + time.perf_counter() - t
+    lp, ps = scores(source, vae_image)
+    yield Row(VAE, lp, ps, round(vae_s, 3), 0, 0, 0.0, math.inf), vae_image
+    done = 0
+    for method in methods:
+        counted = Counted(model)
+        offset = done
+        cb = None if callback is None else (lambda k, _n, z, o=offset: callback(o + k, total, z))
+        t = time.perf_counter()
+        _inv, rec = ni.invert(counted, z0, cond, uncond, prompt=prompt, source=source, steps=steps,
+                              guidance=guidance, inner_steps=inner_steps, method=method, callback=cb)
+        seconds = time.perf_counter() - t
+        del _inv
+        done += ni.invert_steps(steps, inner_steps, method=method)
+        latent_mse = float(F.mse_loss(rec.detach().float().cpu(), z0.detach().float().cpu()))
+        image = decode(rec).detach().float().cpu()
+        lp, ps = scores(source, image)
+        yield Row(method, lp, ps, round(seconds, 3), counted.calls, counted.evaluations, latent_mse,
+                  psnr_db(image, vae_image)), image
+
+
 def compare(model, z0: torch.Tensor, cond: Conditioning, uncond: Conditioning, *, source: torch.Tensor,
             decode: Callable[[torch.Tensor], torch.Tensor], methods: list[str], prompt: str = "", steps: int = 50,
             guidance: float = 7.5, inner_steps: int = 10, encode_seconds: float = 0.0,
@@ -119,34 +153,12 @@ def compare(model, z0: torch.Tensor, cond: Conditioning, uncond: Conditioning, *
     ``callback(done, total, latent)`` after every step of every inversion (``total`` = ``total_steps``);
     raising from it (a cancel) stops the comparison. Returns (the rows, the images: the source, the VAE round
     trip, then one reconstruction per method, each [1, 3, H, W] on the CPU)."""
-    methods = list(methods)
-    if not methods:
-        raise ValueError("no inversion method to compare: give one or more of " + ", ".join(ni.METHODS))
-    source = source.detach().float().cpu()
-    total = total_steps(methods, steps, inner_steps)
-    t = time.perf_counter()
-    vae_image = decode(z0).detach().float().cpu()
-    vae_s = encode_seconds + time.perf_counter() - t
-    lp, ps = scores(source, vae_image)
-    rows = [Row(VAE, lp, ps, round(vae_s, 3), 0, 0, 0.0, math.inf)]
-    images = [source, vae_image]
-    done = 0
-    for method in methods:
-        counted = Counted(model)
-        offset = done
-        cb = None if callback is None else (lambda k, _n, z, o=offset: callback(o + k, total, z))
-        t = time.perf_counter()
-        _inv, rec = ni.invert(counted, z0, cond, uncond, prompt=prompt, source=source, steps=steps,
-                              guidance=guidance, inner_steps=inner_steps, method=method, callback=cb)
-        seconds = time.perf_counter() - t
-        done += ni.invert_steps(steps, inner_steps, method=method)
-        latent_mse = float(F.mse_loss(rec.detach().float().cpu(), z0.detach().float().cpu()))
-        image = decode(rec).detach().float().cpu()
-        lp, ps = scores(source, image)
-        rows.append(Row(method, lp, ps, round(seconds, 3), counted.calls, counted.evaluations, latent_mse,
-                        psnr_db(image, vae_image)))
+    rows, images = [], [source.detach().float().cpu()]
+    for row, image in measure(model, z0, cond, uncond, source=source, decode=decode, methods=methods, prompt=prompt,
+                              steps=steps, guidance=guidance, inner_steps=inner_steps,
+                              encode_seconds=encode_seconds, callback=callback):
+        rows.append(row)
         images.append(image)
-        del _inv
     return rows, images
 
 

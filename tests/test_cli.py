@@ -850,6 +850,43 @@ def test_fidelity_errors_are_clear(tmp_path, ckpt_dir, photo, monkeypatch, capsy
     assert exc.value.code == 2 and "--skip-timesteps" in capsys.readouterr().err
 
 
+def test_fidelity_method_and_compare_flags_are_checked_first(tmp_path, photo, monkeypatch, capsys):
+    """--method / --global-null / --compare-methods: bad combinations fail before ComfyUI or a model loads."""
+    from blended_diffusion.cli import fidelity
+    from blended_diffusion.models import inversion as ni
+    assert fidelity.METHODS == ni.METHODS  # the parser's copy (no torch import to build it)
+    img, mask = photo
+    monkeypatch.setenv("BLENDED_DIFFUSION_MODELS", str(tmp_path / "empty"))
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    ckpt = tmp_path / "sd15.safetensors"
+    ckpt.write_bytes(b"x")
+    never = tmp_path / "never"
+    sd = ["fidelity", "-i", img, "--sd-checkpoint", ckpt, "--source-prompt", "a dog", "--output_path", never]
+    cases = [
+        ([*sd, "-p", "a cat", "--method", "direct", "--global-null"], "--global-null applies to NULL-text only"),
+        (["fidelity", "-i", img, "--source-prompt", "a dog", "--compare-methods", "direct"],
+         "--compare-methods needs --sd-checkpoint FILE"),
+        ([*sd, "--compare-methods", "direct, ddim"],
+         "'ddim' is not an inversion method: give a comma-separated list of null-text, null-text global, "
+         "negative-prompt, direct"),
+        ([*sd, "--compare-methods", "direct,direct"], "'direct' is listed twice"),
+        ([*sd, "--compare-methods", " "], "methods is empty"),
+        ([*sd, "--compare-methods", "direct", "--inversion", ckpt], "drop --inversion"),
+        (["fidelity", "-i", img, "--sd-checkpoint", ckpt, "--compare-methods", "direct"],
+         "--source-prompt CAPTION is required"),
+        ([*sd, "--compare-methods", "direct", "--steps", 1], "--steps = 1"),
+    ]
+    for argv, message in cases:
+        rc, cap = run_cli(argv, capsys)
+        assert rc == 1 and message in cap.err, (argv, cap.err)
+    assert not never.exists()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["fidelity", "-p", "x", "--method", "ddim"])
+    assert exc.value.code == 2 and "--method" in capsys.readouterr().err
+    args = cli.build_parser().parse_args(["fidelity", "--method", "null-text global"])
+    assert args.method == "null-text global" and not args.global_null and args.compare_methods is None
+
+
 # SDEdit with and without NULL-text inversion: a Stable Diffusion checkpoint loaded through ComfyUI
 COMFY = os.environ.get("COMFYUI_PATH", "")
 
@@ -907,3 +944,60 @@ def test_fidelity_sdedit_with_comfyui_checkpoint(tmp_path, sd_checkpoint, small_
     assert [r[:3] for r in again] == [r[:3] for r in want]  # the numbers agree to float noise (6th decimal)
     assert [float(v) for r in again for v in r[3:]] == pytest.approx([float(v) for r in want for v in r[3:]],
                                                                       rel=1e-5, abs=1e-5)
+
+
+def _square_photo(tmp_path) -> Path:
+    yy, xx = np.mgrid[0:64, 0:64]
+    arr = np.stack([xx * 4, yy * 4, 255 - 2 * (xx + yy)], -1)
+    arr[20:44, 24:40] = (230, 50, 50)
+    img = tmp_path / "square.png"
+    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(img)
+    return img
+
+
+def test_fidelity_method_direct_and_compare_methods(tmp_path, sd_checkpoint, ckpt_dir, monkeypatch, capsys):
+    """--method direct inverts with Direct Inversion (the saved file says so, the sweep names it); --compare-methods
+    writes the comparison's CSV, table, record and images."""
+    from blended_diffusion.models import compare as cmp
+    from blended_diffusion.models import inversion as ni
+    from blended_diffusion.render import TABLE_ROW, TABLE_TOP, table_row_height
+    img = _square_photo(tmp_path)
+    base = ["fidelity", "-i", img, "--sd-checkpoint", sd_checkpoint, "--comfyui", COMFY, "--source-prompt",
+            "a photo of a cat", "--steps", 4, "--device", "cpu"]
+    inv_file = tmp_path / "direct.safetensors"
+    rc, cap = run_cli([*base, "-p", "a photo of a dog", "--method", "direct", "--t0", "1.0", "--no-plain-sdedit",
+                       "--clip", ckpt_dir / "ViT-B-16.pt", "--save-inversion", inv_file,
+                       "--output_path", tmp_path / "a"], capsys)
+    assert rc == 0, cap.err
+    inv = ni.Inversion.from_file(inv_file)
+    assert inv.method == "direct" and len(inv.corrections) == 4 and inv.info["latent_mse"] < 1e-9
+    assert [r[0] for r in _csv_rows(tmp_path / "a" / "fidelity.csv")] == ["SDEdit after direct inversion"]
+    out = tmp_path / "b"
+    rc, cap = run_cli([*base, "--compare-methods", "negative-prompt, direct", "--save-images",
+                       "--output_path", out], capsys)
+    assert rc == 0, cap.err
+    text = (out / "compare.csv").read_text()
+    rows = {r.method: r for r in cmp.read_csv(text)}
+    assert list(rows) == ["vae", "negative-prompt", "direct"]
+    assert rows["direct"].latent_mse < 1e-9 and rows["direct"].eps_calls == rows["negative-prompt"].eps_calls == 8
+    assert Image.open(out / "compare.png").size == (720, TABLE_TOP + TABLE_ROW + 3 * table_row_height(True) + 8)
+    rec = json.loads((out / "compare.json").read_text())
+    assert rec["resolved"]["methods"] == ["negative-prompt", "direct"] and rec["resolved"]["steps"] == 4
+    assert [r["method"] for r in rec["rows"]] == list(rows) and rec["rows"][0]["psnr_vae_db"] is None
+    assert rec["images"] == ["compare_images/00_source.png", "compare_images/01_vae.png",
+                             "compare_images/02_negative_prompt.png", "compare_images/03_direct.png"]
+    assert all(Image.open(out / f).size == (64, 64) for f in rec["images"])
+    assert "direct" in cap.out and "method comparison" in cap.out
+    # Ctrl-C during the second method keeps the finished rows (exit 130)
+    real = ni.invert
+
+    def invert(*a, method="null-text", **kw):
+        if method == "direct":
+            raise KeyboardInterrupt
+        return real(*a, method=method, **kw)
+
+    monkeypatch.setattr(ni, "invert", invert)
+    rc, cap = run_cli([*base, "--compare-methods", "negative-prompt, direct", "--output_path", out], capsys)
+    assert rc == 130 and "kept the 2 finished row(s) of 3" in cap.err
+    assert [r.method for r in cmp.read_csv((out / "compare.csv").read_text())] == ["vae", "negative-prompt"]
+    assert json.loads((out / "compare.json").read_text())["interrupted"] is True

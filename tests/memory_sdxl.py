@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import sys
@@ -180,8 +181,8 @@ def import_comfy():
     from comfy.cli_args import args as comfy_args
     if not torch.cuda.is_available():
         comfy_args.cpu = True
-    import comfy.model_base  # noqa: F401
-    import comfy.supported_models  # noqa: F401
+    for name in ("comfy.model_management", "comfy.model_base", "comfy.supported_models"):
+        importlib.import_module(name)  # ComfyUI's requirements: fail here, not in the middle
     from pack import load_pack
     load_pack()
 
@@ -334,7 +335,6 @@ def comfy_estimate(base, shape) -> float:
 
 def compute(size: int = 1024) -> dict:
     """Every figure of the table, in bytes."""
-    import comfy.model_management  # noqa: F401
     latent = size // 8
     base = sdxl_unet_meta(torch.float16)
     w = module_bytes(base.diffusion_model)

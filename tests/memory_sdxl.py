@@ -75,13 +75,15 @@ class LiveBytes(TorchDispatchMode):
         self.current = 0
         self.peak = 0
         self.created = 0  # bytes of all storages created
+        self.origin: dict[int, str] = {}  # the operator that created each live storage
 
     def _free(self, key: int, nbytes: int):
         if self.live.get(key) == nbytes:
             del self.live[key]
+            self.origin.pop(key, None)
             self.current -= nbytes
 
-    def track(self, t: torch.Tensor):
+    def track(self, t: torch.Tensor, op: str = ""):
         key = _key(t)
         if key in self.live:
             return
@@ -90,6 +92,7 @@ class LiveBytes(TorchDispatchMode):
         self.live[key] = n
         self.current += n
         self.created += n
+        self.origin[key] = op
         self.peak = max(self.peak, self.current)
         weakref.finalize(st, self._free, key, n)
 
@@ -99,7 +102,7 @@ class LiveBytes(TorchDispatchMode):
         inputs = {_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and _key(t) not in inputs:
-                self.track(t)
+                self.track(t, func.__name__.split(".")[0])
         return out
 
     def reset_peak(self):
@@ -110,15 +113,22 @@ class SavedBytes(contextlib.AbstractContextManager):
     """Bytes of the distinct storages autograd saves for backward inside the block (``saved``; those of
     ``exclude``, e.g. the weights, are left out and reported as ``saved_excluded``)."""
 
-    def __init__(self, exclude=()):
+    def __init__(self, exclude=(), live: LiveBytes | None = None):
         self.exclude = {_key(t) for t in exclude}
+        self.live = live  # with it, ``by_op`` says which operators made the saved storages
+        self.by_op: dict[str, int] = {}
         self.keys: dict[int, int] = {}
         self.excluded: dict[int, int] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t: torch.Tensor):
         key = _key(t)
-        (self.excluded if key in self.exclude else self.keys).setdefault(key, t.untyped_storage().nbytes())
+        target = self.excluded if key in self.exclude else self.keys
+        if key not in target:
+            target[key] = t.untyped_storage().nbytes()
+            if self.live is not None and target is self.keys:
+                op = self.live.origin.get(key, "(made before)")
+                self.by_op[op] = self.by_op.get(op, 0) + target[key]
         return t
 
     @property
@@ -255,7 +265,7 @@ def count_nulltext_step(base, latent: int, kernel=efficient_sdpa) -> dict:
             target = torch.empty_like(x)
         null = torch.zeros_like(ctx).requires_grad_(True)
         opt = torch.optim.Adam([null], lr=1e-2)
-        with SavedBytes(exclude=weights) as sb:
+        with SavedBytes(exclude=weights, live=lb) as sb:
             denoised = base.apply_model(x, sigma, c_crossattn=null, y=y, transformer_options={})
             e_u = (x - denoised.float()) / sigma.view(-1, 1, 1, 1)
             pred = ddim_step(x, e_u + 7.5 * (e_c - e_u), 0.5, 0.6)
@@ -268,7 +278,8 @@ def count_nulltext_step(base, latent: int, kernel=efficient_sdpa) -> dict:
         del denoised, e_u, pred, loss, grad
     return dict(peak=max(forward_peak, lb.peak), forward_peak=forward_peak, backward_peak=lb.peak,
                 after_forward=after_forward, saved=sb.saved,
-                saved_weights=sb.saved_excluded, left=lb.current)
+                saved_weights=sb.saved_excluded, saved_by_op=dict(sorted(sb.by_op.items(), key=lambda kv: -kv[1])),
+                left=lb.current)
 
 
 def p2p_controller(latent: int, step: int = 0, steps: int = 50):
@@ -388,7 +399,9 @@ def format_table(r: dict) -> str:
                  f"{gib(v['decode_peak'])} | {gib(r['vae_weights'] + v['decode_peak'])} (VAE weights) | — |")
     worst = max(w + n["peak"], w + p["peak"], *(w + c["peak"] for c in r["calls"].values()))
     lines += ["", f"largest: {gib(worst)} GiB (UNet weights + the step's activations; the text encoders, "
-                  "1.6 GiB in fp16, and the VAE are offloaded by ComfyUI while the UNet runs when room is short)",
+                  "1.5 GiB in fp16, and the VAE are offloaded by ComfyUI while the UNet runs when room is short)",
+              "saved for backward, by the operator that made the storage: " + ", ".join(
+                  f"{op} {gib(b)}" for op, b in list(n["saved_by_op"].items())[:8]) + " GiB",
               "SDModel.rows_per_call splits a batch when ComfyUI's estimate x 1.5 reaches the free memory: batch 4 "
               f"needs {gib(1.5 * r['calls'][4]['comfy_estimate'])} GiB free by that rule"]
     return "\n".join(lines)

@@ -237,8 +237,12 @@ def _inputs(base, batch: int, latent: int):
     x = torch.zeros(batch, 4, latent, latent, device=dev)
     sigma = torch.ones(batch, device=dev)
     ctx = torch.zeros(batch, CONTEXT_TOKENS, ctx_dim, device=dev)
-    y = torch.zeros(batch, base.adm_channels, device=dev)
+    y = torch.zeros(batch, base.adm_channels, device=dev) if base.adm_channels else None  # SD1.x/SD2.x: none
     return x, sigma, ctx, y
+
+
+def _extra(y) -> dict:
+    return {} if y is None else {"y": y}
 
 
 def count_unet_call(base, batch: int, latent: int, options: dict | None = None, kernel=efficient_sdpa) -> dict:
@@ -246,7 +250,7 @@ def count_unet_call(base, batch: int, latent: int, options: dict | None = None, 
     inputs."""
     with gpu_attention(kernel), torch.no_grad(), LiveBytes() as lb:
         x, sigma, ctx, y = _inputs(base, batch, latent)
-        out = base.apply_model(x, sigma, c_crossattn=ctx, y=y, transformer_options=dict(options or {}))
+        out = base.apply_model(x, sigma, c_crossattn=ctx, transformer_options=dict(options or {}), **_extra(y))
         assert out.shape == x.shape
         del out, x, sigma, ctx, y
     return dict(peak=lb.peak, left=lb.current)
@@ -266,7 +270,7 @@ def count_nulltext_step(base, latent: int, kernel=efficient_sdpa) -> dict:
         null = torch.zeros_like(ctx).requires_grad_(True)
         opt = torch.optim.Adam([null], lr=1e-2)
         with SavedBytes(exclude=weights, live=lb) as sb:
-            denoised = base.apply_model(x, sigma, c_crossattn=null, y=y, transformer_options={})
+            denoised = base.apply_model(x, sigma, c_crossattn=null, transformer_options={}, **_extra(y))
             e_u = (x - denoised.float()) / sigma.view(-1, 1, 1, 1)
             pred = ddim_step(x, e_u + 7.5 * (e_c - e_u), 0.5, 0.6)
             loss = F.mse_loss(pred.float(), target.float())

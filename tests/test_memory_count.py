@@ -233,3 +233,34 @@ def test_tiny_sdxl_counts_are_consistent(tiny_xl):
     assert p2p["peak"] > calls[4]  # the patch's explicit probabilities come on top of the plain batch of 4
     est = ms.comfy_estimate(meta, [4, 4, 16, 16])
     assert est == pytest.approx(4 * ms.comfy_estimate(meta, [1, 4, 16, 16]))
+
+
+@needs_comfy
+def test_nulltext_reserves_room_for_the_backward(monkeypatch):
+    """Before NULL-text's Adam steps the UNet is loaded again with ``memory_required`` = the bytes its backward
+    keeps (ComfyUI then offloads other models from a GPU first: its ``free_memory`` of ``memory_required`` plus
+    its reserve; on the CPU, where this runs, ComfyUI frees nothing), for the optimising methods only."""
+    from comfy_env import load_comfyui
+    load_comfyui("the NULL-text memory reservation")
+    import comfy.model_management as mm
+    import tiny_models
+    from blended_diffusion.host import sd as host_sd
+    with torch.inference_mode():
+        model, clip, vae = tiny_models.tiny_sdxl()
+    sd = host_sd.SDModel(model, grad=True)
+    z = torch.zeros(1, 4, 128, 128)
+    assert sd.grad_memory(z) == 421_000 * 128 * 128 * 4 // 2  # the tiny model computes in float32 (4 bytes)
+    assert sd.grad_memory(z[..., :64, :64]) == sd.grad_memory(z) // 4
+    asked = []
+    real_load = mm.load_models_gpu
+    monkeypatch.setattr(mm, "load_models_gpu", lambda models, memory_required=0, **kw:
+                        asked.append((models, memory_required)) or real_load(models, memory_required=memory_required,
+                                                                             **kw))
+    image = torch.rand(1, 64, 64, 3)
+    host_sd.invert_image(sd, clip, vae, image, "a cat", steps=2, inner_steps=1)
+    need = sd.grad_memory(torch.zeros(1, 4, 8, 8))
+    assert [m for m, r in asked if r == need] == [[sd.patcher]] and need > 0
+    assert any(m.model is sd.patcher for m in mm.current_loaded_models)  # still loaded after the call
+    asked.clear()
+    host_sd.invert_image(sd, clip, vae, image, "a cat", steps=2, method="direct")  # nothing optimised
+    assert asked and all(r != need for _, r in asked)  # the VAE and the text encoders ask for their own

@@ -365,7 +365,24 @@ def compute(size: int = 1024) -> dict:
     res["vae_weights"] = module_bytes(ae)
     res["vae_params"] = sum(p.numel() for p in ae.parameters())
     res["vae"] = count_vae(ae, size)
+    res["grad_bytes_per_pixel"] = {"SDXL": res["nulltext"]["peak"] / latent ** 2,
+                                   "SD15": grad_bytes_per_pixel(sd15_unet_meta(), 64)}
     return res
+
+
+def sd15_unet_meta(dtype=torch.float16):
+    """ComfyUI's SD1.5 UNet (``comfy.supported_models.SD15``, tests/benchmark_nulltext.py's SD15_UNET) on meta."""
+    import comfy.supported_models
+    from benchmark_nulltext import SD15_UNET
+    cfg = comfy.supported_models.SD15(dict(SD15_UNET))
+    cfg.set_inference_dtype(dtype, None)
+    with torch.device("meta"):
+        return cfg.get_model({}, device=torch.device("meta"))
+
+
+def grad_bytes_per_pixel(base, latent: int) -> float:
+    """Bytes NULL-text's Adam step keeps at its peak per latent pixel (host/sd.py's GRAD_BYTES_PER_PIXEL)."""
+    return count_nulltext_step(base, latent)["peak"] / latent ** 2
 
 
 def gib(n: float) -> str:
@@ -406,6 +423,8 @@ def format_table(r: dict) -> str:
                   "1.5 GiB in fp16, and the VAE are offloaded by ComfyUI while the UNet runs when room is short)",
               "saved for backward, by the operator that made the storage: " + ", ".join(
                   f"{op} {gib(b)}" for op, b in list(n["saved_by_op"].items())[:8]) + " GiB",
+              "NULL-text's Adam step per latent pixel (host/sd.py's GRAD_BYTES_PER_PIXEL): " + ", ".join(
+                  f"{k} {v:,.0f} bytes" for k, v in r["grad_bytes_per_pixel"].items()) + " (SD1.5 at 512²)",
               "SDModel.rows_per_call splits a batch when ComfyUI's estimate x 1.5 reaches the free memory: batch 4 "
               f"needs {gib(1.5 * r['calls'][4]['comfy_estimate'])} GiB free by that rule"]
     return "\n".join(lines)

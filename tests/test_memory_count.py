@@ -264,3 +264,12 @@ def test_nulltext_reserves_room_for_the_backward(monkeypatch):
     asked.clear()
     host_sd.invert_image(sd, clip, vae, image, "a cat", steps=2, method="direct")  # nothing optimised
     assert asked and all(r != need for _, r in asked)  # the VAE and the text encoders ask for their own
+
+
+@needs_comfy
+def test_the_memory_host_sd_asks_for_is_the_count(tiny_xl):
+    """host/sd.py's GRAD_BYTES_PER_PIXEL are this count (SDXL base and SD1.5 at 512², both linear in the pixels:
+    within 2 % at another size)."""
+    from blended_diffusion.host.sd import GRAD_BYTES_PER_PIXEL
+    assert ms.grad_bytes_per_pixel(ms.sdxl_unet_meta(), 64) == pytest.approx(GRAD_BYTES_PER_PIXEL["SDXL"], rel=0.02)
+    assert ms.grad_bytes_per_pixel(ms.sd15_unet_meta(), 64) == pytest.approx(GRAD_BYTES_PER_PIXEL["SD15"], rel=0.002)

@@ -101,6 +101,8 @@ class SDModel:
         need = self.grad_memory(latent)
         log.debug("NULL-text: reserving %.2f GiB for the backward", need / 2**30)
         mm.load_models_gpu([self.patcher], memory_required=need)
+        # ComfyUI may have unloaded and reloaded the UNet itself (in inference mode): weights autograd can save
+        thaw(self.base.diffusion_model)
 
     def schedule(self, steps: int) -> nt.DDIMSchedule:
         return nt.DDIMSchedule(steps, alphas_cumprod=self.alphas_cumprod)

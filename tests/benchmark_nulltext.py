@@ -31,10 +31,12 @@ each method in turn, each followed by its own edit and SDEdit, in one process (t
 method gets its rows and its 50-step figures, and a table compares them.
 
 What is timed: the pack's nodes themselves, as ComfyUI calls them (a fresh instance, inside
-``torch.inference_mode()``): NullTextInvert (its three stages: DDIM inversion, NULL-text optimisation,
-reconstruction), NullTextEdit (prompt-to-prompt, replace: the source and the edit in one batch of 2, with CFG
+``torch.inference_mode()``): NullTextInvert (its stages: DDIM inversion, the method's pass — NULL-text
+optimisation, or Direct Inversion's corrected pass, which is its reconstruction; none for Negative-Prompt
+Inversion — and the reconstruction), NullTextEdit (prompt-to-prompt, replace: the source and the edit in one batch of 2, with CFG
 a UNet batch of 4), NullTextSDEdit at t0 0.6 (from the inversion). The stages are timed by wrapping the core
-functions the nodes call (models.nulltext.ddim_invert / null_text_optimize / ddim_sample_cfg) and
+functions the nodes call (models.nulltext.ddim_invert / null_text_optimize / null_text_optimize_global /
+direct_inversion_offsets / ddim_sample_cfg) and
 ``SDModel.eps`` (UNet calls: how many, at which batch, with or without autograd; the Adam steps the
 optimisation actually took are its UNet calls with autograd). Both clocks are recorded; the table shows
 ``--clock`` (cpu: process CPU time, all threads, which on a CPU shared with other work does not count the

@@ -43,6 +43,12 @@ from ..models.inversion import Inversion
 log = logging.getLogger(__name__)
 
 
+# Bytes autograd keeps for NULL-text's Adam step (forward with grad w.r.t. the null context + backward) per latent
+# pixel, the UNet computing in a 2-byte precision: tests/memory_sdxl.py's count on meta tensors (SDXL base 6.43 GiB
+# at 128², SD1.5 0.89 GiB at 64²; linear in the pixels); other families take the larger.
+GRAD_BYTES_PER_PIXEL = {"SDXL": 421_000, "SD15": 233_000}
+
+
 class SDModel:
     """A ComfyUI MODEL as the core's ``eps(x_t, t, context)``, loaded on its device.
 
@@ -59,6 +65,7 @@ class SDModel:
                 self.patcher.set_model_attn2_replace(p2p.attention_patch(controller, True), name, number)
         self.base = self.patcher.model
         self.has_y = check_sd(self.base)
+        self.grad = grad
         mm.load_models_gpu([self.patcher])
         if grad:  # ComfyUI builds and moves models in inference mode: autograd cannot save those weights
             thaw(self.base.diffusion_model)
@@ -77,6 +84,25 @@ class SDModel:
         with torch.inference_mode(False):
             self.sigmas = sigmas.detach().float().clone().to(self.device)
             self.alphas_cumprod = (1.0 / (sigmas.detach().double().cpu() ** 2 + 1)).clone()
+
+    def grad_memory(self, latent: torch.Tensor) -> int:
+        """Bytes NULL-text's Adam step keeps for the backward on a latent shaped like ``latent`` (GRAD_BYTES_PER_PIXEL
+        scaled to the precision the UNet computes in)."""
+        name = type(getattr(self.base, "model_config", None)).__name__
+        per_pixel = GRAD_BYTES_PER_PIXEL.get(name, max(GRAD_BYTES_PER_PIXEL.values()))
+        dtype = getattr(self.base, "manual_cast_dtype", None) or self.base.get_dtype()
+        h, w = latent.shape[-2:]
+        return int(per_pixel * h * w * torch.empty(0, dtype=dtype).element_size() / 2)
+
+    def reserve_for_grad(self, latent: torch.Tensor) -> None:
+        """Before NULL-text optimisation: load the UNet asking ComfyUI for ``grad_memory`` on top of it, so that it
+        offloads other models (text encoders, VAE) first when the backward would not fit beside them."""
+        import comfy.model_management as mm
+        need = self.grad_memory(latent)
+        log.debug("NULL-text: reserving %.2f GiB for the backward", need / 2**30)
+        mm.load_models_gpu([self.patcher], memory_required=need)
+        # ComfyUI may have unloaded and reloaded the UNet itself (in inference mode): weights autograd can save
+        thaw(self.base.diffusion_model)
 
     def schedule(self, steps: int) -> nt.DDIMSchedule:
         return nt.DDIMSchedule(steps, alphas_cumprod=self.alphas_cumprod)
@@ -246,6 +272,8 @@ def invert_image(sd: SDModel, clip, vae, image: torch.Tensor, prompt: str, *, st
     started = time.perf_counter() if started is None else started
     z0, source = sd.encode(vae, image)
     cond, uncond = sd.condition(clip, prompt, z0), sd.condition(clip, "", z0)
+    if sd.grad and inner_steps > 0 and inversion.resolve_method(method, global_null) in inversion.OPTIMISING:
+        sd.reserve_for_grad(z0)  # after the VAE and the text encoders ran: ComfyUI may offload them now
     inv, rec = inversion.invert(sd, z0, cond, uncond, prompt=prompt, source=source, steps=steps, guidance=guidance,
                                 inner_steps=inner_steps, global_null=global_null, method=method, callback=callback)
     recon = sd.decode(vae, rec)

@@ -1,9 +1,12 @@
-"""Benchmark of NULL-text inversion and editing on Stable Diffusion 1.5's real architecture (issue 7). Not part
-of the pass/fail suite. Needs ComfyUI (``--comfyui DIR`` or ``COMFYUI_PATH``) and its interpreter:
+"""Benchmark of NULL-text inversion (and the other inversion methods) and editing on Stable Diffusion 1.5's and
+SDXL's real architectures (issues 7 and 14). Not part of the pass/fail suite. Needs ComfyUI (``--comfyui DIR`` or
+``COMFYUI_PATH``) and its interpreter:
 
     COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python tests/benchmark_nulltext.py --size 256 --steps 5 --threads 1
     python tests/benchmark_nulltext.py --comfyui /path/to/ComfyUI --device cuda --size 512 --steps 50
-    python tests/benchmark_nulltext.py --from-json run.json    # the table of a run saved with --json
+    python tests/benchmark_nulltext.py --config sdxl --size 256 --steps 2 --inner-steps 2 --threads 1 \
+        --method null-text,direct --json xl.json    # SDXL base, two methods
+    python tests/benchmark_nulltext.py --from-json run.json [--from-json other.json]  # saved runs, one table
 
 The models are ComfyUI's own classes at SD1.5's sizes with seeded random weights (no weights are downloaded;
 ComfyUI's layers skip init, so every parameter is set like tests/test_nulltext_nodes.py's ``_randomize``):
@@ -14,13 +17,26 @@ ComfyUI's layers skip init, so every parameter is set like tests/test_nulltext_n
 - text encoder: ``comfy.sd.CLIP`` with ``comfy.sd1_clip`` (CLIP ViT-L/14's text model, its default config);
 - VAE: ``comfy.sd.VAE`` from the state dict of an SD ``AutoencoderKL`` (ch 128, ch_mult [1, 2, 4, 4]; ComfyUI
   recognises it as the SD1.x/SD2.x VAE).
-``--config tiny`` uses the tiny models of tests/test_nulltext_nodes.py instead (a quick check of the script).
+``--config sdxl``: ComfyUI's SDXL base at its real sizes (``comfy.supported_models.SDXL`` with the unet config
+ComfyUI detects from an SDXL base checkpoint: model_channels 320, channel_mult [1, 2, 4], transformer depth 2 and
+10, context 2048, adm 2816, 64-channel heads; 2.6 G parameters; checked with comfy.model_detection), both text
+encoders (``comfy.sdxl_clip.SDXLClipModel``: CLIP-L and CLIP-G, their default configs) and the SDXL VAE (the
+same AutoencoderKL architecture as SD's; SDXL's latent scale comes with the model). Conditioning as the nodes
+build it (``SDModel.condition``: context and ``y``).
+``--config tiny`` / ``--config tinyxl`` use tiny models instead (tests/test_nulltext_nodes.py's SD1.5 and
+tests/tiny_models.py's SDXL; a quick check of the script).
+
+``--method`` (repeatable, or a comma list; models.inversion.METHODS; default null-text) runs NullTextInvert with
+each method in turn, each followed by its own edit and SDEdit, in one process (the models are built once); each
+method gets its rows and its 50-step figures, and a table compares them.
 
 What is timed: the pack's nodes themselves, as ComfyUI calls them (a fresh instance, inside
-``torch.inference_mode()``): NullTextInvert (its three stages: DDIM inversion, NULL-text optimisation,
-reconstruction), NullTextEdit (prompt-to-prompt, replace: the source and the edit in one batch of 2, with CFG
+``torch.inference_mode()``): NullTextInvert (its stages: DDIM inversion, the method's pass — NULL-text
+optimisation, or Direct Inversion's corrected pass, which is its reconstruction; none for Negative-Prompt
+Inversion — and the reconstruction), NullTextEdit (prompt-to-prompt, replace: the source and the edit in one batch of 2, with CFG
 a UNet batch of 4), NullTextSDEdit at t0 0.6 (from the inversion). The stages are timed by wrapping the core
-functions the nodes call (models.nulltext.ddim_invert / null_text_optimize / ddim_sample_cfg) and
+functions the nodes call (models.nulltext.ddim_invert / null_text_optimize / null_text_optimize_global /
+direct_inversion_offsets / ddim_sample_cfg) and
 ``SDModel.eps`` (UNet calls: how many, at which batch, with or without autograd; the Adam steps the
 optimisation actually took are its UNet calls with autograd). Both clocks are recorded; the table shows
 ``--clock`` (cpu: process CPU time, all threads, which on a CPU shared with other work does not count the
@@ -69,11 +85,27 @@ SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3
 # tests/test_nulltext_nodes.py's tiny models
 from tiny_sd import TINY_TEXT, TINY_UNET, TINY_VAE  # noqa: E402
 
+# The unet config comfy.model_detection gives for an SDXL base checkpoint (its ``unet_config_from_diffusers_unet``
+# SDXL entry; checked against detection of the built model's state dict in build_model).
+SDXL_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+             "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+             "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+             "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+             "context_dim": 2048, "num_head_channels": 64,
+             "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
+             "use_temporal_resblock": False}
+FULL = ("sd15", "sdxl")  # the configs at real sizes
+XL = ("sdxl", "tinyxl")  # SDXL-family configs (two text encoders, the vector y)
+
 CONFIGS = {
     "sd15": "SD1.5 architecture: UNet 320 ch, mult 1,2,4,4, 2 res blocks, context 768, 8 heads; CLIP ViT-L/14 "
             "text model; SD VAE ch 128, mult 1,2,4,4 (random weights)",
     "tiny": "tests/test_nulltext_nodes.py's tiny models (UNet 32 ch, 2 levels, context 64; 2-layer text model; "
             "32-channel VAE; random weights)",
+    "sdxl": "SDXL base architecture: UNet 320 ch, mult 1,2,4, transformer depth 2/10, context 2048, adm 2816; "
+            "CLIP-L + CLIP-G text models; SDXL VAE ch 128, mult 1,2,4,4 (random weights)",
+    "tinyxl": "tests/tiny_models.py's tiny SDXL (model_base.SDXL, 3-level 32/64-ch UNet, context 128; tiny CLIP-L "
+              "+ CLIP-G; 32-channel VAE; random weights)",
 }
 
 
@@ -102,6 +134,7 @@ def import_comfy(path: Path, device: str):
         import comfy.model_patcher  # noqa: F401
         import comfy.sd  # noqa: F401
         import comfy.sd1_clip  # noqa: F401
+        import comfy.sdxl_clip  # noqa: F401
         import comfy.supported_models  # noqa: F401
         import comfy.supported_models_base  # noqa: F401
         import folder_paths  # noqa: F401
@@ -119,50 +152,81 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
     tiny_sd._randomize(module, torch.Generator().manual_seed(seed))
 
 
+def _text_info(clip) -> dict:
+    by_dtype = {}
+    for p in clip.cond_stage_model.parameters():
+        by_dtype[str(p.dtype)] = by_dtype.get(str(p.dtype), 0) + p.numel()
+    total = sum(by_dtype.values())
+    dtypes = ", ".join(f"{d} {n / total:.0%}" for d, n in sorted(by_dtype.items(), key=lambda x: -x[1]))
+    return dict(text_params_m=total / 1e6, text_dtype=dtypes)
+
+
+def _unet_info(model) -> dict:
+    unet = model.model.diffusion_model
+    return dict(unet_params_m=sum(p.numel() for p in unet.parameters()) / 1e6,
+                unet_dtype=str(next(unet.parameters()).dtype))
+
+
+def build_models(comfy, config: str):
+    """(MODEL, CLIP, VAE, info) of the config, as Load Checkpoint would give them."""
+    if config == "tinyxl":
+        import tiny_models
+        model, clip, vae = tiny_models.tiny_sdxl()
+        n_vae = sum(p.numel() for p in vae.first_stage_model.parameters())
+        return model, clip, vae, dict(**_unet_info(model), **_text_info(clip), vae_params_m=n_vae / 1e6,
+                                      vae_dtype=str(vae.vae_dtype))
+    model, minfo = build_model(comfy, config)
+    clip, cinfo = build_clip(comfy, config)
+    vae, vinfo = build_vae(comfy, config)
+    return model, clip, vae, dict(**minfo, **cinfo, **vinfo)
+
+
 def build_model(comfy, config: str):
     mm = comfy.model_management
-    cfg = comfy.supported_models.SD15(dict(SD15_UNET if config == "sd15" else TINY_UNET))
+    xl = config == "sdxl"
+    cfg = (comfy.supported_models.SDXL(dict(SDXL_UNET)) if xl else
+           comfy.supported_models.SD15(dict(SD15_UNET if config == "sd15" else TINY_UNET)))
     if config == "tiny":
         cfg.unet_config["num_heads"] = 2
-    dtype = mm.unet_dtype(model_params=860_000_000 if config == "sd15" else 1_000_000,
-                          supported_dtypes=cfg.supported_inference_dtypes)
+    params = 2_567_000_000 if xl else 860_000_000 if config == "sd15" else 1_000_000
+    dtype = mm.unet_dtype(model_params=params, supported_dtypes=cfg.supported_inference_dtypes)
     load_device = mm.get_torch_device()
     cfg.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device, cfg.supported_inference_dtypes))
     base = cfg.get_model({})
     randomize(base.diffusion_model, 0)
-    n_params = sum(p.numel() for p in base.diffusion_model.parameters())
-    if config == "sd15":  # ComfyUI would build the same model from a real SD1.5 checkpoint's keys and shapes
+    if config in FULL:  # ComfyUI would build the same model from a real checkpoint's keys and shapes
+        want = "SDXL" if xl else "SD15"
         sd = {"model.diffusion_model." + k: v for k, v in base.diffusion_model.state_dict().items()}
         detected = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
-        if type(detected).__name__ != "SD15" or any(detected.unet_config.get(k) != v
-                                                     for k, v in cfg.unet_config.items() if k != "dtype"):
-            raise SystemExit("the UNet built is not what ComfyUI detects as SD1.5: "
+        if type(detected).__name__ != want or any(detected.unet_config.get(k) != v
+                                                  for k, v in cfg.unet_config.items() if k != "dtype"):
+            raise SystemExit(f"the UNet built is not what ComfyUI detects as {want}: "
                              f"{detected and detected.unet_config}")
+        del sd
     patcher = comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=mm.unet_offload_device())
-    return patcher, dict(unet_params_m=n_params / 1e6, unet_dtype=str(dtype))
+    return patcher, _unet_info(patcher)
 
 
 def build_clip(comfy, config: str):
-    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    opts = {} if config == "sd15" else {"clip_l_model_config": dict(TINY_TEXT)}
+    if config == "sdxl":  # both text encoders, their default configs
+        target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+        opts = {}
+    else:
+        target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+        opts = {} if config == "sd15" else {"clip_l_model_config": dict(TINY_TEXT)}
     clip = comfy.sd.CLIP(target, model_options=opts)
     randomize(clip.cond_stage_model, 1)
-    params = list(clip.cond_stage_model.parameters())
-    by_dtype = {}
-    for p in params:
-        by_dtype[str(p.dtype)] = by_dtype.get(str(p.dtype), 0) + p.numel()
-    total = sum(by_dtype.values())
-    dtypes = ", ".join(f"{d} {n / total:.0%}" for d, n in sorted(by_dtype.items(), key=lambda x: -x[1]))
-    return clip, dict(text_params_m=total / 1e6, text_dtype=dtypes)
+    return clip, _text_info(clip)
 
 
 def build_vae(comfy, config: str):
     from comfy.ldm.models.autoencoder import AutoencoderKL
-    ddconfig = dict(SD_VAE if config == "sd15" else TINY_VAE)
+    ddconfig = dict(SD_VAE if config in FULL else TINY_VAE)
     ae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
     randomize(ae, 2)
-    # sd15: no config, so ComfyUI recognises the state dict as the SD1.x/SD2.x VAE, as from a checkpoint
-    vae = comfy.sd.VAE(sd=ae.state_dict(), config=None if config == "sd15" else
+    # sd15 / sdxl: no config, so ComfyUI recognises the state dict as the SD/SDXL VAE (one architecture; the
+    # latent scale is the model's), as from a checkpoint
+    vae = comfy.sd.VAE(sd=ae.state_dict(), config=None if config in FULL else
                        {"params": {"ddconfig": ddconfig, "embed_dim": 4}})
     n = sum(p.numel() for p in ae.parameters())
     del ae
@@ -182,7 +246,8 @@ class Probe:
     """Wraps the core functions the nodes call and SDModel.eps for the run only (restored after): records
     each stage's times (cpu and wall clock) and its UNet calls."""
 
-    STAGED = ("ddim_invert", "null_text_optimize", "ddim_sample_cfg")
+    STAGED = ("ddim_invert", "null_text_optimize", "null_text_optimize_global", "direct_inversion_offsets",
+              "ddim_sample_cfg")
 
     def __init__(self, nt, host_sd, device: torch.device):
         self.nt, self.host_sd, self.dev = nt, host_sd, device
@@ -272,7 +337,8 @@ def rss_mib() -> float:
 
 
 # ---------------------------------------------------------------- the run
-def run(args) -> dict:
+def run(args) -> list[dict]:
+    """One record per method (``args.methods``): NullTextInvert with it, then an edit and an SDEdit from it."""
     comfy = import_comfy(comfyui_dir(args.comfyui), args.device)
     from pack import load_pack
     load_pack()
@@ -281,88 +347,112 @@ def run(args) -> dict:
     dev = torch.device(args.device)
     t0 = time.perf_counter()
     with torch.inference_mode():  # ComfyUI builds models inside inference mode too
-        model, minfo = build_model(comfy, args.config)
-        clip, cinfo = build_clip(comfy, args.config)
-        vae, vinfo = build_vae(comfy, args.config)
+        model, clip, vae, info = build_models(comfy, args.config)
     build_s = time.perf_counter() - t0
     rss_models = rss_mib()
     size = args.size
     image = test_image(size)
     probe = Probe(nt, host_sd, dev)
+    out = []
     with probe.installed():
         # warm-up, not timed: one UNet call and one text encoding (first-call costs)
         with torch.inference_mode():
             sdm = host_sd.SDModel(model)
-            c = host_sd.encode_text(clip, PROMPT).to(sdm.device)
-            sdm.eps(torch.zeros(1, 4, size // 8, size // 8, device=sdm.device),
-                    torch.tensor([500], device=sdm.device), c)
-            del sdm
-        (inv, _recon, report), r_inv = probe.run_node(
-            "NullTextInvert", model=model, clip=clip, vae=vae, image=image, prompt=PROMPT, steps=args.steps,
-            guidance=GUIDANCE, inner_steps=args.inner_steps, global_null=False)
-        (edit,), r_edit = probe.run_node(
-            "NullTextEdit", model=model, clip=clip, vae=vae, inversion=inv, target_prompt=TARGET,
-            mode="replace", cross_replace_steps=0.8, self_replace_steps=0.4, guidance=GUIDANCE)
-        (sde,), r_sde = probe.run_node(
-            "NullTextSDEdit", model=model, clip=clip, vae=vae, inversion=inv, target_prompt=TARGET, t0=T0,
-            start="inversion", guidance=GUIDANCE)
-    report = json.loads(report)
-    for out, name in ((edit, "NullTextEdit"), (sde, "NullTextSDEdit")):
-        if not torch.isfinite(out).all():
-            raise SystemExit(f"{name} returned non-finite pixels")
-    return summarize(args.clock, dict(config=args.config, desc=CONFIGS[args.config], device=str(dev), size=size,
-                                latent=size // 8, steps=args.steps, inner_steps=args.inner_steps,
-                                threads=torch.get_num_threads(), clock=args.clock, build_s=build_s,
-                                rss_after_build_mib=rss_models, **minfo, **cinfo, **vinfo,
-                                latent_mse=report.get("latent_mse"), final_losses=report.get("final_losses"),
-                                node_report={k: report.get(k) for k in ("ddim_inversion_s", "null_text_s",
-                                                                        "reconstruction_s", "total_s")},
-                                nodes=[r_inv, r_edit, r_sde]))
+            z = torch.zeros(1, 4, size // 8, size // 8, device=sdm.device)
+            sdm.eps(z, torch.tensor([500], device=sdm.device), sdm.condition(clip, PROMPT, z).to(sdm.device))
+            del sdm, z
+        for method in args.methods:
+            probe.stages = []
+            (inv, _recon, report), r_inv = probe.run_node(
+                "NullTextInvert", model=model, clip=clip, vae=vae, image=image, prompt=PROMPT, steps=args.steps,
+                guidance=GUIDANCE, inner_steps=args.inner_steps, global_null=False, method=method)
+            (edit,), r_edit = probe.run_node(
+                "NullTextEdit", model=model, clip=clip, vae=vae, inversion=inv, target_prompt=TARGET,
+                mode="replace", cross_replace_steps=0.8, self_replace_steps=0.4, guidance=GUIDANCE)
+            (sde,), r_sde = probe.run_node(
+                "NullTextSDEdit", model=model, clip=clip, vae=vae, inversion=inv, target_prompt=TARGET, t0=T0,
+                start="inversion", guidance=GUIDANCE)
+            report = json.loads(report)
+            for img, name in ((edit, "NullTextEdit"), (sde, "NullTextSDEdit")):
+                if not torch.isfinite(img).all():
+                    raise SystemExit(f"{name} returned non-finite pixels ({method})")
+            res = summarize(args.clock, dict(
+                config=args.config, desc=CONFIGS[args.config], method=method, device=str(dev), size=size,
+                latent=size // 8, steps=args.steps, inner_steps=args.inner_steps, threads=torch.get_num_threads(),
+                clock=args.clock, build_s=build_s, rss_after_build_mib=rss_models, **info,
+                latent_mse=report.get("latent_mse"), final_losses=report.get("final_losses"),
+                node_report={k: report.get(k) for k in ("ddim_inversion_s", "null_text_s", "inversion_method_s",
+                                                        "reconstruction_s", "total_s")},
+                nodes=[r_inv, r_edit, r_sde]))
+            print(format_table(res), "", sep="\n", flush=True)  # each method's table as soon as it is done
+            out.append(res)
+            if args.json:  # after each method: a run cut short keeps what it measured
+                Path(args.json).write_text(json.dumps(out[0] if len(out) == 1 else {"runs": out}, indent=1,
+                                                      default=str))
+    return out
 
 
 def summarize(clock: str, res: dict) -> dict:
-    """Per-step figures (res["rows"]) and the 50-step estimates (res["estimate"]) from the records."""
+    """Per-step figures (res["rows"]) and the 50-step estimates (res["estimate"]) from the records of one method's
+    run (runs saved before methods existed are NULL-text's)."""
+    method = res.setdefault("method", "null-text")
     inv, edit, sde = res["nodes"]
     st = {s["fn"]: s for s in inv["stages"]}
-    d_inv, d_opt, d_rec = st["ddim_invert"], st["null_text_optimize"], st["ddim_sample_cfg"]
+    d_inv, d_rec = st["ddim_invert"], st.get("ddim_sample_cfg")
+    d_opt = st.get("null_text_optimize") or st.get("null_text_optimize_global")
+    d_dir = st.get("direct_inversion_offsets")
     (d_edit,) = edit["stages"]
     (d_sde,) = sde["stages"]
     n = res["steps"]
     n_sde = len(d_sde["calls"])
-    adam = [c for c in d_opt["calls"] if c["grad"]]
-    plain = [c for c in d_opt["calls"] if not c["grad"]]
-    fwd1 = sum(c[clock] for c in plain) / max(len(plain), 1)  # a UNet call at batch 1 without autograd
+    adam = [c for c in d_opt["calls"] if c["grad"]] if d_opt else []
+    plain = [c for c in d_opt["calls"] if not c["grad"]] if d_opt else []
+    fwd1 = sum(c[clock] for c in plain) / len(plain) if plain else float("nan")  # batch 1, no autograd
     adam_s = (d_opt[clock] - sum(c[clock] for c in plain)) / len(adam) if adam else float("nan")
 
     def batches(stage):
         return sorted({c["batch"] for c in stage["calls"]})
 
-    rows = [
-        dict(what="DDIM inversion (guidance 1)", per="DDIM step", count=n, seconds=d_inv[clock],
-             per_step=d_inv[clock] / n, unet_batch=batches(d_inv), calls=len(d_inv["calls"])),
-        dict(what=f"NULL-text optimisation ({len(adam)} Adam steps in all, {len(adam) / n:.1f} per step, "
-                  f"at most {res['inner_steps']})", per="DDIM step", count=n, seconds=d_opt[clock],
-             per_step=d_opt[clock] / n, unet_batch=batches(d_opt), calls=len(d_opt["calls"])),
-        dict(what="  of which one Adam step (UNet fwd with autograd + bwd + update)", per="Adam step",
-             count=len(adam), seconds=adam_s * len(adam), per_step=adam_s, unet_batch=[1], calls=len(adam)),
-        dict(what="reconstruction (CFG)", per="DDIM step", count=n, seconds=d_rec[clock], per_step=d_rec[clock] / n,
-             unet_batch=batches(d_rec), calls=len(d_rec["calls"])),
-        dict(what="prompt-to-prompt edit (source + edit, CFG)", per="DDIM step", count=n, seconds=d_edit[clock],
-             per_step=d_edit[clock] / n, unet_batch=batches(d_edit), calls=len(d_edit["calls"])),
-        dict(what=f"SDEdit t0 {T0} (from the inversion, CFG)", per="DDIM step", count=n_sde, seconds=d_sde[clock],
-             per_step=d_sde[clock] / max(n_sde, 1), unet_batch=batches(d_sde), calls=n_sde),
-    ]
+    def row(key, what, stage, count, per="DDIM step"):
+        return dict(key=key, what=what, per=per, count=count, seconds=stage[clock], per_step=stage[clock] / count,
+                    unet_batch=batches(stage), calls=len(stage["calls"]))
+
+    rows = [row("inversion", "DDIM inversion (guidance 1)", d_inv, n)]
+    is_global = method == "null-text global"
+    if d_opt:
+        what = (f"NULL-text global optimisation ({res['inner_steps']} passes over the steps, one Adam step per step "
+                f"and pass)" if is_global else
+                f"NULL-text optimisation ({len(adam)} Adam steps in all, {len(adam) / n:.1f} per step, "
+                f"at most {res['inner_steps']})")
+        rows.append(row("method", what, d_opt, n))
+        rows.append(dict(key="adam", what="  of which one Adam step (UNet fwd with autograd + bwd + update)",
+                         per="Adam step", count=len(adam), seconds=adam_s * len(adam), per_step=adam_s,
+                         unet_batch=[1], calls=len(adam)))
+    if d_dir:
+        rows.append(row("method", "Direct Inversion pass (CFG; the corrections; it is the reconstruction)", d_dir, n))
+    if d_rec:
+        rows.append(row("reconstruction", "reconstruction (cond only: the null embedding is the caption's)"
+                        if method == "negative-prompt" else "reconstruction (CFG)", d_rec, n))
+    rows.append(row("edit", "prompt-to-prompt edit (source + edit, CFG)", d_edit, n))
+    rows.append(row("sdedit", f"SDEdit t0 {T0} (from the inversion, CFG)", d_sde, max(n_sde, 1)))
+    by = {r["key"]: r for r in rows}
     other = {r["node"]: r[clock] - sum(s[clock] for s in r["stages"]) for r in res["nodes"]}
-    early = [k for k, c in enumerate(per_step_adam(d_opt)) if c < res["inner_steps"]]
-    est_inv = PAPER_STEPS * (rows[0]["per_step"] + rows[1]["per_step"] + rows[3]["per_step"]) + other["NullTextInvert"]
-    est_inv_full = PAPER_STEPS * (rows[0]["per_step"] + 2 * fwd1 + PAPER_INNER * adam_s + rows[3]["per_step"]) \
-        + other["NullTextInvert"]
+    steps_adam = ([len(adam) // n] * n if is_global else per_step_adam(d_opt)) if d_opt else []
+    early = [k for k, c in enumerate(steps_adam) if c < res["inner_steps"]] if method == "null-text" else []
+    per_step = sum(by[k]["per_step"] for k in ("inversion", "method", "reconstruction") if k in by)
+    est_inv = PAPER_STEPS * per_step + other["NullTextInvert"]
+    if d_opt:  # the paper's 10 Adam steps at every step (no early stop), or 10 passes of the global one
+        est_full = PAPER_STEPS * (by["inversion"]["per_step"] + by["reconstruction"]["per_step"]
+                                  + (PAPER_INNER * (2 * fwd1 + adam_s) if is_global else
+                                     2 * fwd1 + PAPER_INNER * adam_s)) + other["NullTextInvert"]
+    else:
+        est_full = est_inv
     sde_steps = max(1, round(T0 * PAPER_STEPS))
-    res.update(rows=rows, other=other, adam_steps_per_step=per_step_adam(d_opt), early_stops=len(early),
+    res.update(rows=rows, other=other, adam_steps_per_step=steps_adam, early_stops=len(early),
                fwd1_s=fwd1, adam_step_s=adam_s,
-               estimate=dict(inversion_s=est_inv, inversion_no_early_stop_s=est_inv_full,
-                             edit_s=PAPER_STEPS * rows[4]["per_step"] + other["NullTextEdit"],
-                             sdedit_s=sde_steps * rows[5]["per_step"] + other["NullTextSDEdit"],
+               estimate=dict(inversion_s=est_inv, inversion_no_early_stop_s=est_full,
+                             edit_s=PAPER_STEPS * by["edit"]["per_step"] + other["NullTextEdit"],
+                             sdedit_s=sde_steps * by["sdedit"]["per_step"] + other["NullTextSDEdit"],
                              sdedit_steps=sde_steps),
                total_s=sum(r[clock] for r in res["nodes"]), peak_mib=max(r["peak_mib"] for r in res["nodes"]))
     return res
@@ -394,9 +484,9 @@ def format_table(res: dict) -> str:
             f"UNet {res['unet_params_m']:.1f} M params ({res['unet_dtype']}), text encoder "
             f"{res['text_params_m']:.1f} M ({res['text_dtype']}), VAE {res['vae_params_m']:.1f} M "
             f"({res['vae_dtype']})\n"
-            f"device {res['device']} ({res['threads']} threads), image {res['size']}x{res['size']} (latent "
-            f"{res['latent']}x{res['latent']}), {res['steps']} DDIM steps, guidance {GUIDANCE}, inner steps "
-            f"{res['inner_steps']}; clock: {clock}")
+            f"method {res['method']}; device {res['device']} ({res['threads']} threads), image {res['size']}x"
+            f"{res['size']} (latent {res['latent']}x{res['latent']}), {res['steps']} DDIM steps, guidance {GUIDANCE}, "
+            f"inner steps {res['inner_steps']}; clock: {clock}")
     lines = [head, "", f"| stage | s per step ({res['clock']} clock) | steps | s in all | UNet calls (batch) |",
              "|---|---|---|---|---|"]
     for r in res["rows"]:
@@ -411,21 +501,68 @@ def format_table(res: dict) -> str:
     lines += ["",
               f"total for the run (3 nodes): {fmt(res['total_s'], 1)} s ({res['clock']} clock); peak "
               f"{'RSS' if res['device'] == 'cpu' else 'allocated'} {fmt(res['peak_mib'], 0)} MiB "
-              f"(RSS with the models built, before the nodes: {fmt(res['rss_after_build_mib'], 0)} MiB)",
-              f"Adam steps taken per DDIM step: {res['adam_steps_per_step']} (early stop in {res['early_stops']} of "
-              f"{res['steps']} steps; random weights: not representative of a trained model)",
-              f"a UNet call at batch 1 without autograd: {fmt(res['fwd1_s'])} s; an Adam step: "
-              f"{fmt(res['adam_step_s'])} s",
-              f"latent MSE of the reconstruction: {res['latent_mse']:.3g} (random weights: no measure of quality)",
-              "",
-              f"computed from the per-step figures above (not measured), for {PAPER_STEPS} steps at this image "
-              f"size: inversion ≈ {fmt(e['inversion_s'], 0)} s with the Adam steps taken here "
-              f"({sum(res['adam_steps_per_step']) / res['steps']:.1f} per step, at most {res['inner_steps']}), ≈ "
-              f"{fmt(e['inversion_no_early_stop_s'], 0)} s with {PAPER_INNER} Adam steps every step (no "
-              f"early stop); each prompt-to-prompt edit ≈ {fmt(e['edit_s'], 0)} s; each SDEdit at t0 {T0} "
-              f"({e['sdedit_steps']} steps) ≈ {fmt(e['sdedit_s'], 0)} s (each including the node's other costs "
-              f"measured here)"]
+              f"(RSS with the models built, before the nodes: {fmt(res['rss_after_build_mib'], 0)} MiB; the RSS "
+              "peak is the process's so far)"]
+    if res["method"] == "null-text":
+        lines.append(f"Adam steps taken per DDIM step: {res['adam_steps_per_step']} (early stop in {res['early_stops']} "
+                     f"of {res['steps']} steps; random weights: not representative of a trained model)")
+    if res["adam_steps_per_step"]:
+        lines.append(f"a UNet call at batch 1 without autograd: {fmt(res['fwd1_s'])} s; an Adam step: "
+                     f"{fmt(res['adam_step_s'])} s")
+    lines.append(f"latent MSE of the reconstruction: {res['latent_mse']:.3g} (random weights: no measure of quality)")
+    if res["method"] == "null-text":
+        inv = (f"inversion ≈ {fmt(e['inversion_s'], 0)} s with the Adam steps taken here "
+               f"({sum(res['adam_steps_per_step']) / res['steps']:.1f} per step, at most {res['inner_steps']}), ≈ "
+               f"{fmt(e['inversion_no_early_stop_s'], 0)} s with {PAPER_INNER} Adam steps every step (no early stop)")
+    elif res["method"] == "null-text global":
+        inv = (f"inversion ≈ {fmt(e['inversion_s'], 0)} s with the {res['inner_steps']} passes run here, ≈ "
+               f"{fmt(e['inversion_no_early_stop_s'], 0)} s with {PAPER_INNER} passes")
+    else:
+        inv = f"inversion ≈ {fmt(e['inversion_s'], 0)} s (no optimisation)"
+    lines += ["", f"computed from the per-step figures above (not measured), for {PAPER_STEPS} steps at this image "
+                  f"size: {inv}; each prompt-to-prompt edit ≈ {fmt(e['edit_s'], 0)} s; each SDEdit at t0 {T0} "
+                  f"({e['sdedit_steps']} steps) ≈ {fmt(e['sdedit_s'], 0)} s (each including the node's other costs "
+                  f"measured here)"]
     return "\n".join(lines)
+
+
+def format_methods(runs: list[dict]) -> str:
+    """One row per run: the per-step seconds of each stage and the computed 50-step figures."""
+    clocks = {r["clock"] for r in runs}
+    head = [f"methods compared ({', '.join(sorted(clocks))} clock; s per DDIM step measured, {PAPER_STEPS}-step "
+            f"figures computed from them):", "",
+            "| config, image | method | DDIM inversion | method's pass | reconstruction | prompt-to-prompt edit "
+            f"| SDEdit | inversion, {PAPER_STEPS} steps (computed) | edit, {PAPER_STEPS} steps (computed) "
+            "| peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        by = {row.get("key", ""): row for row in r["rows"]}
+        e = r["estimate"]
+
+        def ps(key):
+            return fmt(by[key]["per_step"], 3) if key in by else "—"
+        inv = fmt(e["inversion_no_early_stop_s"], 0)
+        if r["method"] in ("null-text", "null-text global"):
+            inv += f" ({PAPER_INNER} {'passes' if r['method'] == 'null-text global' else 'Adam steps'})"
+        head.append(f"| {r['config']}, {r['size']}² | {r['method']} | {ps('inversion')} | {ps('method')} | "
+                    f"{ps('reconstruction')} | {ps('edit')} | {ps('sdedit')} | {inv} | {fmt(e['edit_s'], 0)} | "
+                    f"{fmt(r['peak_mib'], 0)} |")
+    return "\n".join(head)
+
+
+def parse_methods(values) -> list[str]:
+    from pack import load_pack
+    load_pack()
+    from blended_diffusion.models.inversion import METHODS
+    out = []
+    for v in values or ["null-text"]:
+        for m in v.split(","):
+            m = m.strip()
+            if m not in METHODS:
+                raise SystemExit(f"--method {m!r}: use one of {', '.join(METHODS)} (repeat --method or give a "
+                                 "comma list)")
+            if m not in out:
+                out.append(m)
+    return out
 
 
 def parse_args(argv=None):
@@ -433,20 +570,28 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--comfyui", default=None, help="ComfyUI checkout (default: $COMFYUI_PATH)")
     p.add_argument("--config", default="sd15", choices=tuple(CONFIGS))
+    p.add_argument("--method", action="append", default=None,
+                   help="inversion method(s), repeatable or a comma list: null-text, null-text global, "
+                        "negative-prompt, direct (default: null-text)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     p.add_argument("--size", type=int, default=None,
-                   help="image side in pixels, a multiple of 8 (default: 256 on the CPU, 512 on CUDA; 64 tiny)")
+                   help="image side in pixels, a multiple of 8 (default: 256 on the CPU, 512 on CUDA, 1024 for "
+                        "sdxl on CUDA; 64 tiny)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 5 on the CPU, 50 on CUDA)")
     p.add_argument("--inner-steps", type=int, default=10, help="at most this many Adam steps per DDIM step")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--clock", default=None, choices=("cpu", "wall"),
                    help="clock of the table: cpu (process CPU time; default on the CPU) or wall (default on CUDA)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("--from-json", default=None, help="print the table of a run saved with --json (runs nothing)")
+    p.add_argument("--from-json", action="append", default=None,
+                   help="print the tables of runs saved with --json (repeatable: several runs in one table; "
+                        "runs nothing)")
     args = p.parse_args(argv)
+    args.methods = parse_methods(args.method)
     cpu = args.device == "cpu"
     if args.size is None:
-        args.size = 64 if args.config == "tiny" else 256 if cpu else 512
+        args.size = 64 if args.config in ("tiny", "tinyxl") else 256 if cpu else \
+            1024 if args.config == "sdxl" else 512
     if args.steps is None:
         args.steps = 5 if cpu else 50
     if args.clock is None:
@@ -462,22 +607,34 @@ def parse_args(argv=None):
     return args
 
 
+def load_runs(paths) -> list[dict]:
+    """The runs saved in these --json files (a file holds one run, or {"runs": [...]}), summarised again."""
+    runs = []
+    for path in paths:
+        saved = json.loads(Path(path).read_text())
+        for r in saved["runs"] if "runs" in saved else [saved]:
+            runs.append(summarize(r["clock"], r))
+    return runs
+
+
 def main(argv=None) -> dict:
+    """Runs the benchmark (or prints saved runs); returns the run (one method) or {"runs": [...]}."""
     args = parse_args(argv)
-    if args.from_json:  # print a saved run again (with this version's summary)
-        saved = json.loads(Path(args.from_json).read_text())
-        res = summarize(saved["clock"], saved)
-        print(format_table(res), flush=True)
-        return res
-    threads = torch.get_num_threads()
-    try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        res = run(args)
-    finally:
-        torch.set_num_threads(threads)
-    print(format_table(res), flush=True)
-    if args.json:
+    if args.from_json:  # print saved runs again (with this version's summary)
+        runs = load_runs(args.from_json)
+        print("\n\n".join(format_table(r) for r in runs), flush=True)
+    else:
+        threads = torch.get_num_threads()
+        try:
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            runs = run(args)
+        finally:
+            torch.set_num_threads(threads)
+    if len(runs) > 1:
+        print("", format_methods(runs), sep="\n", flush=True)
+    res = runs[0] if len(runs) == 1 else {"runs": runs}
+    if args.json and not args.from_json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     return res
 

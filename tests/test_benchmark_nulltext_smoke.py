@@ -27,7 +27,12 @@ def test_bad_arguments():
         with pytest.raises(SystemExit):
             bn.parse_args(argv)
     a = bn.parse_args(["--device", "cpu"])
-    assert (a.size, a.steps, a.clock, a.inner_steps) == (256, 5, "cpu", 10)
+    assert (a.size, a.steps, a.clock, a.inner_steps, a.methods) == (256, 5, "cpu", 10, ["null-text"])
+    with pytest.raises(SystemExit, match="use one of"):
+        bn.parse_args(["--method", "null-text,npi"])
+    a = bn.parse_args(["--device", "cpu", "--config", "tinyxl", "--method", "direct, null-text global",
+                       "--method", "negative-prompt", "--method", "direct"])
+    assert a.methods == ["direct", "null-text global", "negative-prompt"] and a.size == 64
 
 
 @needs_comfy
@@ -54,6 +59,46 @@ def test_tiny_run(tmp_path):
     assert est["inversion_no_early_stop_s"] >= est["inversion_s"] * 0.99 > 0 and est["edit_s"] > 0
     again = bn.main(["--from-json", str(out)])  # a saved run printed again (no ComfyUI needed)
     assert again["estimate"] == pytest.approx(est) and again["rows"] == rows
+
+
+@needs_comfy
+def test_tinyxl_every_method(tmp_path, capsys):
+    """The SDXL-shaped path (tests/tiny_models.py's tiny SDXL: two text encoders, y) with every method in one
+    process; then two saved files merged into one table."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "xl.json"
+    proc = subprocess.run([sys.executable, str(Path(bn.__file__)), "--comfyui", COMFY, "--config", "tinyxl",
+                           "--device", "cpu", "--steps", "3", "--inner-steps", "2", "--threads", "1",
+                           "--method", "null-text,null-text global", "--method", "negative-prompt,direct",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "methods compared" in proc.stdout and proc.stdout.count("computed from the per-step figures") == 4
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["method"] for r in runs] == ["null-text", "null-text global", "negative-prompt", "direct"]
+    rows = {r["method"]: {row["key"]: row for row in r["rows"]} for r in runs}
+    batches = {m: {k: row["unet_batch"] for k, row in rs.items()} for m, rs in rows.items()}
+    assert batches["null-text"] == dict(inversion=[1], method=[1], adam=[1], reconstruction=[2], edit=[4], sdedit=[2])
+    assert batches["null-text global"] == batches["null-text"]
+    # NPI: nothing optimised, its reconstruction is cond only; Direct: its pass (CFG) is the reconstruction
+    assert batches["negative-prompt"] == dict(inversion=[1], reconstruction=[1], edit=[4], sdedit=[2])
+    assert batches["direct"] == dict(inversion=[1], method=[2], edit=[4], sdedit=[2])
+    assert rows["null-text global"]["method"]["calls"] == 3 * 3 * 2  # 2 passes x 3 steps x (2 calls + 1 with grad)
+    assert rows["direct"]["method"]["calls"] == 3 and rows["negative-prompt"]["reconstruction"]["calls"] == 3
+    est = {r["method"]: r["estimate"] for r in runs}
+    for m in ("negative-prompt", "direct"):
+        assert est[m]["inversion_no_early_stop_s"] == est[m]["inversion_s"] > 0
+    for m in ("null-text", "null-text global"):  # 10 Adam steps (passes) cost more than the 2 run here
+        assert est[m]["inversion_no_early_stop_s"] > est[m]["inversion_s"] > est["direct"]["inversion_s"]
+    assert runs[2]["latent_mse"] > runs[3]["latent_mse"]  # Direct Inversion reconstructs exactly
+    capsys.readouterr()
+    merged = bn.main(["--from-json", str(out), "--from-json", str(out)])
+    assert [r["method"] for r in merged["runs"]] == [r["method"] for r in runs] * 2
+    for again, saved in zip(merged["runs"][:4], runs):
+        assert again["estimate"] == pytest.approx(saved["estimate"]) and again["rows"] == saved["rows"]
+    table = capsys.readouterr().out
+    assert table.count("| tinyxl, 64² |") == 8
 
 
 def test_probe_restores_the_pack():

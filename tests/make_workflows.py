@@ -646,9 +646,10 @@ SD_INPUT_NOTE = (
 METHODS_NOTE = (
     "Methods (NullTextInvert's `method`), in one line: direct = exact reconstruction without optimisation, for edits "
     "whose unedited parts must stay; negative-prompt = the fastest, some drift; null-text = the paper's, optimised "
-    "per step, several times the UNet calls (README's SD1.5 figures for a 50-step inversion at 256² on a CPU, "
-    "computed: null-text about 49 min, direct about 5, negative-prompt about 4); see README, \"Inversion methods: "
-    "when to pick which\". No SDXL timing is measured there yet.")
+    "per step, several times the UNet calls (README's SDXL figures for a 50-step inversion at 256² on a 2-core CPU, "
+    "computed from measured steps: null-text about 2.3 h, direct about 14 min, negative-prompt about 10; a GPU is "
+    "far faster); see README, \"Inversion methods: when to pick which\". SDXL at 1024² fits a 16 GB GPU with "
+    "every method (computed).")
 
 
 def sd_note(wf, text):

@@ -30,21 +30,30 @@ log = logging.getLogger(__name__)
 
 EXTENSIONS = {".pt", ".pth", ".bin", ".safetensors"}
 
+class StandaloneInterrupted(Exception):
+    """The run was cancelled (``request_interrupt()``); loaded models stay usable."""
+
+
+def attach(comfyui: bool) -> None:
+    """Use ComfyUI's services (``comfyui`` True: its folders, device, model management, progress and interrupt) or
+    the standalone ones. Decided once, when the host is imported (below); a process that holds both kinds of
+    callers (the test suite: in-process ComfyUI tests beside standalone ones) switches with this."""
+    global IN_COMFYUI, Interrupted, _mm, _cu, _fp
+    if comfyui:
+        import comfy.model_management as _mm
+        import comfy.utils as _cu
+        import folder_paths as _fp
+        Interrupted = _mm.InterruptProcessingException
+    else:
+        _mm = _cu = _fp = None
+        Interrupted = StandaloneInterrupted
+    IN_COMFYUI = comfyui
+
+
 # ComfyUI's services once ComfyUI has loaded (its main.py imports both before any custom node). The host never
 # starts ComfyUI itself: a process that could merely import it (the command line, which may load it later as a
 # checkpoint loader) keeps the standalone services, and never runs ComfyUI's device set-up by importing the pack.
-IN_COMFYUI = "folder_paths" in sys.modules and "comfy.model_management" in sys.modules
-if IN_COMFYUI:
-    import comfy.model_management as _mm
-    import comfy.utils as _cu
-    import folder_paths as _fp
-    Interrupted = _mm.InterruptProcessingException
-else:
-    _mm = _cu = _fp = None
-
-    class Interrupted(Exception):
-        """The run was cancelled (``request_interrupt()``); loaded models stay usable."""
-
+attach("folder_paths" in sys.modules and "comfy.model_management" in sys.modules)
 _interrupt = threading.Event()
 
 

@@ -2,6 +2,7 @@
 
 Its folder goes on sys.path (appended: the pack's own folders never shadow it), and without CUDA ComfyUI is
 set to --cpu before ``comfy.model_management`` is imported, as ``main.py --cpu`` does."""
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ def load_comfyui(what: str) -> Path:
             comfy_args.cpu = True
         import comfy.model_management  # noqa: F401
         import comfy.sd  # noqa: F401  (the rest of ComfyUI's requirements)
+        importlib.import_module("folder_paths")  # with comfy.model_management: the pack's host uses ComfyUI's services
     except ImportError as e:  # a checkout whose requirements this interpreter lacks
         pytest.skip(f"ComfyUI at {comfy} does not import here ({e}): run with its interpreter",
                     allow_module_level=True)

@@ -16,6 +16,28 @@ load_pack()
 import tiny  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "comfyui_host: the module runs the pack inside an in-process ComfyUI "
+                            "(tests/comfy_env.py): the host adapter uses ComfyUI's services for its tests")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _host_mode(request):
+    """The host adapter's services for this module's tests: ComfyUI's for modules marked ``comfyui_host``, the
+    standalone ones otherwise. The host picks its mode once, when first imported, so in one pytest process
+    (``COMFYUI_PATH`` set, every file) whichever module imported it first would decide for all of them."""
+    host = sys.modules.get("blended_diffusion.host")
+    want = request.node.get_closest_marker("comfyui_host") is not None
+    if host is None or host.IN_COMFYUI == want:
+        yield
+        return
+    host.attach(want)
+    try:
+        yield
+    finally:
+        host.attach(not want)
+
+
 @pytest.fixture(scope="session")
 def ckpt_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpt")

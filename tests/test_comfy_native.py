@@ -16,6 +16,7 @@ import torch
 from comfy_env import load_comfyui  # noqa: E402
 
 COMFY = str(load_comfyui("the model-management tests"))
+pytestmark = pytest.mark.comfyui_host  # the host adapter uses ComfyUI's services here (conftest.py)
 import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import folder_paths  # noqa: E402
@@ -25,7 +26,6 @@ from blended_diffusion import host  # noqa: E402
 from blended_diffusion.nodes import NODE_CLASS_MAPPINGS as N  # noqa: E402
 from blended_diffusion.nodes import loaders  # noqa: E402
 
-assert host.IN_COMFYUI, "ComfyUI must be imported before the pack for these tests"
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import torch
 from comfy_env import load_comfyui  # noqa: E402
 
 COMFY = str(load_comfyui("the NULL-text node tests"))
+pytestmark = pytest.mark.comfyui_host  # the host adapter uses ComfyUI's services here (conftest.py)
 import comfy.model_management  # noqa: E402, F401
 import comfy.model_patcher  # noqa: E402
 import comfy.sd  # noqa: E402

@@ -11,6 +11,7 @@ import torch
 from comfy_env import load_comfyui  # noqa: E402
 
 load_comfyui("the SD conditioning tests")
+pytestmark = pytest.mark.comfyui_host  # the host adapter uses ComfyUI's services here (conftest.py)
 import comfy.model_management as mm  # noqa: E402
 import comfy.sampler_helpers  # noqa: E402
 import comfy.samplers  # noqa: E402

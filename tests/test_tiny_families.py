@@ -17,6 +17,7 @@ import torch
 from comfy_env import load_comfyui
 
 load_comfyui("the SDXL / SD2-v node tests")
+pytestmark = pytest.mark.comfyui_host  # the host adapter uses ComfyUI's services here (conftest.py)
 import folder_paths  # noqa: E402
 
 import tiny_models  # noqa: E402  (tests/ is on sys.path)

@@ -116,11 +116,31 @@ def run(node_type, **kw):
 
 
 def invert_and_edit(loaded, img, method="direct", steps=2):
-    """NullTextInvert then NullTextEdit (replace) on the file's model: (inversion, reconstruction, report, edit)."""
+    """NullTextInvert (``method``; 2 Adam steps per step for the NULL-text ones), then NullTextEdit (replace) and
+    NullTextSDEdit (from the inversion at t0 1: the caption, and the target) on the file's model:
+    (inversion, reconstruction, report, edit, SDEdit with the caption, SDEdit with the target)."""
     model, clip, vae = loaded[:3]
     inv, recon, report = run("NullTextInvert", model=model, clip=clip, vae=vae, image=img, prompt=PROMPT, steps=steps,
-                             guidance=7.5, inner_steps=0, global_null=False, method=method)
-    (out,) = run("NullTextEdit", model=model, clip=clip, vae=vae, inversion=inv, target_prompt=TARGET, mode="replace",
-                 cross_replace_steps=0.8, self_replace_steps=0.4, reweight_words="", reweight_factor=1.0, guidance=7.5,
-                 blend_words="")
-    return inv, recon, json.loads(report), out
+                             guidance=7.5, inner_steps=2, global_null=False, method=method)
+    kw = dict(model=model, clip=clip, vae=vae, inversion=inv, guidance=7.5)
+    (out,) = run("NullTextEdit", target_prompt=TARGET, mode="replace", cross_replace_steps=0.8, self_replace_steps=0.4,
+                 reweight_words="", reweight_factor=1.0, blend_words="", **kw)
+    (same,) = run("NullTextSDEdit", target_prompt="", t0=1.0, start="inversion", seed=0, **kw)
+    (sde,) = run("NullTextSDEdit", target_prompt=TARGET, t0=1.0, start="inversion", seed=0, **kw)
+    return inv, recon, json.loads(report), out, same, sde
+
+
+def check_inversion_and_edits(loaded, method: str, family: str, cond_kind: str) -> None:
+    """``invert_and_edit`` with ``method`` on a loaded checkpoint: the inversion records family, conditioning and
+    method; Direct Inversion reconstructs exactly; prompt-to-prompt's source row is the reconstruction and its edit
+    row differs; SDEdit from the inversion with the caption is the reconstruction, with the target it differs."""
+    inv, recon, report, out, same, sde = invert_and_edit(loaded, image(), method=method)
+    assert (inv.family, inv.cond_kind, inv.method) == (family, cond_kind, method)
+    assert recon.shape == (1, H, W, 3) and torch.isfinite(recon).all()
+    if method == "direct":
+        assert report["latent_mse"] < 1e-10, report["latent_mse"]  # exact
+    assert 0 <= report["latent_mse"] < float("inf")
+    assert out.shape == (2, H, W, 3)
+    assert (out[0] - recon[0]).abs().max() < 1e-3 and (out[1] - out[0]).abs().max() > 1e-3
+    assert (same - recon).abs().max() < 1e-4, "SDEdit from the inversion with the caption is the reconstruction"
+    assert (sde - recon).abs().max() > 1e-3, float((sde - recon).abs().max())

@@ -21,6 +21,7 @@ import torch
 from comfy_env import load_comfyui
 
 load_comfyui("the tiny SDXL checkpoint tests")
+pytestmark = pytest.mark.comfyui_host  # the host adapter uses ComfyUI's services here (conftest.py)
 import comfy.latent_formats  # noqa: E402
 import comfy.model_base  # noqa: E402
 import comfy.supported_models  # noqa: E402
@@ -28,6 +29,7 @@ from comfy.ldm.models.autoencoder import AutoencoderKL  # noqa: E402
 
 import ckpt_checks as cc  # noqa: E402  (tests/ is on sys.path)
 import tiny_sd  # noqa: E402
+from blended_diffusion.models.inversion import METHODS  # noqa: E402
 from blended_diffusion.models.cond import Cond  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -117,10 +119,6 @@ def test_outputs_are_finite_and_sane(loaded):
     assert (eps - eps_other).abs().mean() > 0.01 * eps.abs().mean(), "eps must depend on the prompt"
 
 
-def test_direct_inversion_and_edit_on_the_checkpoint(loaded):
-    inv, recon, report, out = cc.invert_and_edit(loaded, cc.image())
-    assert (inv.family, inv.cond_kind, inv.method) == ("SDXL/EPS", "context+y", "direct")
-    assert report["latent_mse"] < 1e-10, report["latent_mse"]  # exact
-    assert recon.shape == (1, cc.H, cc.W, 3) and torch.isfinite(recon).all()
-    assert out.shape == (2, cc.H, cc.W, 3)
-    assert (out[0] - recon[0]).abs().max() < 1e-3 and (out[1] - out[0]).abs().max() > 1e-3
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_and_the_edit_nodes_on_the_checkpoint(loaded, method):
+    cc.check_inversion_and_edits(loaded, method, "SDXL/EPS", "context+y")

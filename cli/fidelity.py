@@ -388,10 +388,8 @@ def cmd_compare(args) -> int:
             raise CLIError(f"--sd-checkpoint {e}") from None
         image, _ = vae_crop(vae, image)
         sd = host_sd.SDModel(model, grad=args.inner_steps > 0 and any(m in ni.OPTIMISING for m in methods))
-        t = time.perf_counter()
-        z0, source = sd.encode(vae, image.movedim(1, -1))
-        encode_s = time.perf_counter() - t
-        cond, uncond = sd.condition(sd_clip, prompt, z0), sd.condition(sd_clip, "", z0)
+        z0, source, cond, uncond, encode_s = host_sd.prepare_inversion(sd, sd_clip, vae, image.movedim(1, -1), prompt,
+                                                                        optimise=sd.grad)
         bar = StepBar(cmp.total_steps(methods, steps, args.inner_steps), "inversion methods")
         rows, images, interrupted = [], [source.movedim(-1, 1).float().cpu()], False
         try:

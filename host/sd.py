@@ -262,6 +262,20 @@ def tokenized(clip, text: str) -> p2p.TokenizedPrompt:
     return tp
 
 
+def prepare_inversion(sd: SDModel, clip, vae, image: torch.Tensor, prompt: str, *, optimise: bool):
+    """What an inversion of one IMAGE starts from: (its latent z0, the source IMAGE as the VAE cropped it, the
+    caption's and the empty prompt's conditionings, the seconds the VAE encode took). With ``optimise`` (NULL-text
+    will take Adam steps) ComfyUI is then asked for room for the backward (``reserve_for_grad``): after the VAE and
+    the text encoders ran, so that it may offload them."""
+    t = time.perf_counter()
+    z0, source = sd.encode(vae, image)
+    encode_s = time.perf_counter() - t
+    cond, uncond = sd.condition(clip, prompt, z0), sd.condition(clip, "", z0)
+    if optimise and sd.grad:
+        sd.reserve_for_grad(z0)
+    return z0, source, cond, uncond, encode_s
+
+
 def invert_image(sd: SDModel, clip, vae, image: torch.Tensor, prompt: str, *, steps: int = 50, guidance: float = 7.5,
                  inner_steps: int = 10, global_null: bool = False, callback=None,
                  started: float | None = None, method: str = "null-text") -> tuple[Inversion, torch.Tensor]:
@@ -270,10 +284,8 @@ def invert_image(sd: SDModel, clip, vae, image: torch.Tensor, prompt: str, *, st
     the engine's (``total`` = ``invert_steps(...)``); ``started``: the ``time.perf_counter()`` the caller's run
     began at (its total_s; default now). Its info adds the reconstruction's mean absolute pixel error."""
     started = time.perf_counter() if started is None else started
-    z0, source = sd.encode(vae, image)
-    cond, uncond = sd.condition(clip, prompt, z0), sd.condition(clip, "", z0)
-    if sd.grad and inner_steps > 0 and inversion.resolve_method(method, global_null) in inversion.OPTIMISING:
-        sd.reserve_for_grad(z0)  # after the VAE and the text encoders ran: ComfyUI may offload them now
+    optimise = inner_steps > 0 and inversion.resolve_method(method, global_null) in inversion.OPTIMISING
+    z0, source, cond, uncond, _ = prepare_inversion(sd, clip, vae, image, prompt, optimise=optimise)
     inv, rec = inversion.invert(sd, z0, cond, uncond, prompt=prompt, source=source, steps=steps, guidance=guidance,
                                 inner_steps=inner_steps, global_null=global_null, method=method, callback=callback)
     recon = sd.decode(vae, rec)

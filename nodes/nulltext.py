@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import host
-from ..host.sd import SDModel, invert_image, tokenized
+from ..host.sd import SDModel, invert_image, prepare_inversion, tokenized
 from ..models import compare as cmp
 from ..models import fidelity as fid
 from ..models import inversion as ni
@@ -496,10 +496,7 @@ class CompareInversionMethods:
         names = cmp.parse_methods(methods)
         prompt = prompt.strip()
         sd = SDModel(model, grad=inner_steps > 0 and any(m in ni.OPTIMISING for m in names))
-        t = time.perf_counter()
-        z0, source = sd.encode(vae, image)
-        encode_s = time.perf_counter() - t
-        cond, uncond = sd.condition(clip, prompt, z0), sd.condition(clip, "", z0)
+        z0, source, cond, uncond, encode_s = prepare_inversion(sd, clip, vae, image, prompt, optimise=sd.grad)
         bar = host.progress(cmp.total_steps(names, steps, inner_steps), "inversion methods")
         try:
             rows, images = cmp.compare(sd, z0, cond, uncond, source=image_to_bchw(source),

@@ -236,7 +236,7 @@ def test_tiny_sdxl_counts_are_consistent(tiny_xl):
 
 
 @needs_comfy
-def test_nulltext_reserves_room_for_the_backward(monkeypatch):
+def test_nulltext_reserves_room_for_the_backward(monkeypatch, tmp_path):
     """Before NULL-text's Adam steps the UNet is loaded again with ``memory_required`` = the bytes its backward
     keeps (ComfyUI then offloads other models from a GPU first: its ``free_memory`` of ``memory_required`` plus
     its reserve; on the CPU, where this runs, ComfyUI frees nothing), for the optimising methods only."""
@@ -264,6 +264,18 @@ def test_nulltext_reserves_room_for_the_backward(monkeypatch):
     asked.clear()
     host_sd.invert_image(sd, clip, vae, image, "a cat", steps=2, method="direct")  # nothing optimised
     assert asked and all(r != need for _, r in asked)  # the VAE and the text encoders ask for their own
+    # the method comparison asks too, once, when one of its methods optimises
+    from blended_diffusion.nodes import NODE_CLASS_MAPPINGS
+    import folder_paths
+    compare = NODE_CLASS_MAPPINGS["CompareInversionMethods"]()
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))  # its table and CSV, whichever services
+    monkeypatch.setenv("BLENDED_DIFFUSION_OUTPUT", str(tmp_path))         # the host adapter uses here
+    for methods, reserved in (("direct, null-text", 1), ("direct, negative-prompt", 0)):
+        asked.clear()
+        with torch.inference_mode():
+            compare.compare(model, clip, vae, image, "a cat", methods=methods, steps=2, inner_steps=1,
+                            filename_prefix="compare")
+        assert len([r for _, r in asked if r == need]) == reserved, (methods, asked)
 
 
 @needs_comfy

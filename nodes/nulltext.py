@@ -47,6 +47,13 @@ SD_TOOLTIPS = {
 }
 
 
+
+def sd_inputs() -> dict:
+    """The MODEL, CLIP and VAE inputs every Stable Diffusion node of this pack starts with (from Load Checkpoint)."""
+    return {"model": ("MODEL", {"tooltip": SD_TOOLTIPS["model"]}),
+            "clip": ("CLIP", {"tooltip": SD_TOOLTIPS["clip"]}),
+            "vae": ("VAE", {"tooltip": SD_TOOLTIPS["vae"]})}
+
 # --------------------------------------------------------------------------------------------- helpers
 def _progress(bar, sd: SDModel):
     """The engine's step callback → the node's progress bar with a latent preview, and Cancel."""
@@ -120,9 +127,7 @@ class NullTextInvert:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": SD_TOOLTIPS["model"]}),
-            "clip": ("CLIP", {"tooltip": SD_TOOLTIPS["clip"]}),
-            "vae": ("VAE", {"tooltip": SD_TOOLTIPS["vae"]}),
+            **sd_inputs(),
             "image": ("IMAGE", {"tooltip": "The real image to invert (one image; sides are cropped to a "
                                            "multiple of 8, 512x512 suits SD1.x)."}),
             "prompt": ("STRING", {"default": "", "multiline": True, "tooltip":
@@ -235,9 +240,7 @@ class NullTextEdit:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": SD_TOOLTIPS["model"]}),
-            "clip": ("CLIP", {"tooltip": SD_TOOLTIPS["clip"]}),
-            "vae": ("VAE", {"tooltip": SD_TOOLTIPS["vae"]}),
+            **sd_inputs(),
             "inversion": (INVERSION_T, {"tooltip": SD_TOOLTIPS["inversion"]}),
             "target_prompt": ("STRING", {"default": "", "multiline": True, "tooltip":
                 "The caption with the change: replace = the same number of words with some swapped "
@@ -309,9 +312,7 @@ class NullTextSDEdit:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": SD_TOOLTIPS["model"]}),
-            "clip": ("CLIP", {"tooltip": SD_TOOLTIPS["clip"]}),
-            "vae": ("VAE", {"tooltip": SD_TOOLTIPS["vae"]}),
+            **sd_inputs(),
             "inversion": (INVERSION_T, {"tooltip": SD_TOOLTIPS["inversion"]}),
             "target_prompt": ("STRING", {"default": "", "multiline": True, "tooltip":
                 "What the result should show (any prompt; empty = the inversion's caption)."}),
@@ -353,9 +354,7 @@ class FidelityCurve:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": SD_TOOLTIPS["model"]}),
-            "clip": ("CLIP", {"tooltip": SD_TOOLTIPS["clip"]}),
-            "vae": ("VAE", {"tooltip": SD_TOOLTIPS["vae"]}),
+            **sd_inputs(),
             "inversion": (INVERSION_T, {"tooltip": SD_TOOLTIPS["inversion"]}),
             "guidance_clip": (CLIP_T, {"tooltip":
                 "The CLIP image-text model that scores editability (Load CLIP (guidance), e.g. ViT-B-16.pt); "
@@ -453,9 +452,7 @@ class CompareInversionMethods:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": SD_TOOLTIPS["model"]}),
-            "clip": ("CLIP", {"tooltip": SD_TOOLTIPS["clip"]}),
-            "vae": ("VAE", {"tooltip": SD_TOOLTIPS["vae"]}),
+            **sd_inputs(),
             "image": ("IMAGE", {"tooltip": "The real image every method inverts (one image; sides are cropped to "
                                            "a multiple of 8)."}),
             "prompt": ("STRING", {"default": "", "multiline": True, "tooltip":

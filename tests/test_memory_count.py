@@ -67,8 +67,8 @@ def _inputs(device):
         (torch.randn(2, 7, 24) if device != "meta" else torch.empty(2, 7, 24, device="meta")).requires_grad_(True)
 
 
-def _graph_saved(root, exclude: set[int]) -> int:
-    """Bytes of the distinct storages the autograd graph under ``root`` saved (by data pointer), less ``exclude``."""
+def _saved_storages(root, exclude: set[int]) -> dict[int, int]:
+    """{data pointer: bytes} of the distinct storages the autograd graph under ``root`` saved, less ``exclude``."""
     seen, stack, out = set(), [root], {}
     while stack:
         node = stack.pop()
@@ -82,7 +82,12 @@ def _graph_saved(root, exclude: set[int]) -> int:
                     if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in exclude:
                         out[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         stack.extend(n for n, _ in node.next_functions)
-    return sum(out.values())
+    return out
+
+
+def _graph_saved(root, exclude: set[int]) -> int:
+    """Bytes of the distinct storages the autograd graph under ``root`` saved (by data pointer), less ``exclude``."""
+    return sum(_saved_storages(root, exclude).values())
 
 
 def test_saved_for_backward_on_meta_is_what_real_autograd_keeps():
@@ -113,19 +118,7 @@ def _alive(before: set[int], roots=()) -> int:
             if p and p not in before:
                 out[p] = o.untyped_storage().nbytes()
     for r in roots:
-        seen, stack = set(), [r]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            for name in dir(node):
-                if name.startswith("_saved_"):
-                    val = getattr(node, name)
-                    for t in val if isinstance(val, (tuple, list)) else [val]:
-                        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in before:
-                            out[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            stack.extend(n for n, _ in node.next_functions)
+        out.update(_saved_storages(r, before))
     return sum(out.values())
 
 
